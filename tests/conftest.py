@@ -1,0 +1,31 @@
+"""Shared test helpers. Tests run on CPU; keep torch to the two cores CI has."""
+
+from __future__ import annotations
+
+import torch
+
+torch.set_num_threads(2)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, the tolerance measure of the equivalence tests."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_tensors_agree(tensors_a, tensors_b, tolerance: float) -> None:
+    """Relative error below `tolerance` for every tensor, and for all of them together.
+
+    Some gradients are zero by symmetry (a key bias: softmax ignores a constant added to every
+    key; a bias followed by train-mode BatchNorm, which removes per-channel constants) and hold only
+    rounding noise; those are measured against the norm of all the tensors together.
+    """
+    tensors_a, tensors_b = list(tensors_a), list(tensors_b)
+    assert len(tensors_a) == len(tensors_b)
+    overall = torch.cat([b.detach().flatten() for b in tensors_b])
+    for i, (a, b) in enumerate(zip(tensors_a, tensors_b)):
+        if b.norm() < 1e-6 * overall.norm():
+            assert relative_error(a, b) * b.norm() < tolerance * overall.norm(), f"tensor {i}"
+        else:
+            assert relative_error(a, b) < tolerance, f"tensor {i}"
+    assert relative_error(torch.cat([a.detach().flatten() for a in tensors_a]), overall) < tolerance

@@ -1,0 +1,100 @@
+"""Run and model configs: YAML + overrides, and errors that say where and what to fix."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from adyolo.config import load_model_config, load_run_config
+from adyolo.model import ModelConfig, build_model
+from adyolo.schema import ConfigError
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_without_a_file():
+    assert load_run_config().model == ModelConfig()
+
+
+def test_run_file_and_overrides(tmp_path):
+    path = write(tmp_path, "run.yaml", """
+        model:
+          size: n
+          fusion: efficient
+    """)
+    cfg = load_run_config(path, ["model.img_size=320", "model.checkpoint=[neck.low_fusion]"])
+    assert (cfg.model.size, cfg.model.fusion, cfg.model.img_size) == ("n", "efficient", 320)
+    assert cfg.model.checkpoint == ["neck.low_fusion"]
+    assert cfg.model.attention == "sdpa"  # unstated keys keep their defaults
+
+
+def test_model_section_can_name_a_model_file(tmp_path):
+    write(tmp_path, "model/small.yaml", "size: n\nfusion: efficient\n")
+    path = write(tmp_path, "run.yaml", "model: model/small.yaml\n")
+    assert load_run_config(path).model == ModelConfig(size="n", fusion="efficient")
+    assert load_model_config(tmp_path / "model/small.yaml") == ModelConfig(size="n", fusion="efficient")
+    assert load_model_config(path) == ModelConfig(size="n", fusion="efficient")
+
+
+def test_shipped_model_configs_load():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parents[1].glob("launch/configs/model/*.yaml"))
+    assert files
+    for f in files:
+        build_model(load_model_config(f))
+
+
+@pytest.mark.parametrize(
+    "body,key,line,words",
+    [
+        ("model:\n  size: s\n  fusoin: full\n", "model.fusoin", 3, ["unknown key", "did you mean 'fusion'"]),
+        ("model:\n  size: 5\n", "model.size", 2, ["5 (int)", "'n', 's', 'm'"]),
+        ("model:\n  img_size: 650\n", "model.img_size", 2, ["multiple of 32", "use 640 or 672"]),
+        ("model:\n  img_size: '640'\n", "model.img_size", 2, ["expected an integer", "'640' (str)"]),
+        ("model:\n  checkpoint: [neck.lowfusion]\n", "model.checkpoint", 2, ["unknown block 'neck.lowfusion'", "neck.low_fusion"]),
+        ("model:\n  anchors: [[1, 2, 3]]\n", "model.anchors", 2, ["4 lists of 6 numbers"]),
+        ("model:\n  attention_heads: 3\n", "model.attention_heads", 2, ["does not divide the 128"]),
+        ("modle:\n  size: s\n", "modle", 1, ["unknown key", "did you mean 'model'"]),
+    ],
+)
+def test_bad_values_name_file_line_key_and_fix(tmp_path, body, key, line, words):
+    path = write(tmp_path, "run.yaml", body)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert err.value.key == key
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: {key}: ")
+    for w in words:
+        assert w in message
+
+
+def test_bad_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'model.fusion=ful': model.fusion: 'ful' \(str\) is not one of 'full', 'efficient'"):
+        load_run_config(None, ["model.fusion=ful"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_run_config(None, ["model.size"])
+
+
+def test_invalid_yaml_points_at_the_line(tmp_path):
+    path = write(tmp_path, "run.yaml", "model:\n  size: [n\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: config: not valid YAML"):
+        load_run_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config("no/such/run.yaml")
+
+
+def test_build_model_rejects_bad_mapping():
+    with pytest.raises(ConfigError, match=r"^model.fusion: 'ful' \(str\) is not one of"):
+        build_model({"fusion": "ful"})
+    with pytest.raises(ConfigError, match=r"^model.img_size: 100 is not a positive multiple of 32"):
+        build_model({"img_size": 100})
