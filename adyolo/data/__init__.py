@@ -1,0 +1,1 @@
+"""Face data: label formats, the synthetic default dataset, augmentations, dataset and loader."""

@@ -1,0 +1,70 @@
+"""DetectionLoss: assign targets, then box / objectness / class / landmark terms, YOLOv5-Face weighted."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adyolo.loss.assigner import assign
+from adyolo.loss.config import LossConfig
+from adyolo.loss.terms import ciou_loss, wing_loss
+
+OBJ, LANDMARKS, CLASSES = 4, slice(5, 15), 15
+
+
+class DetectionLoss:
+    """raw head outputs (4 x [B, A, H, W, 15 + C]) + targets [M, 16] (pixels) -> loss terms.
+
+    Returns {"box", "obj", "cls", "landmark"} (detached, per image, for logging) and "total" (to
+    backpropagate): the weighted sum times the batch size, as in YOLOv5, so the learning rates of
+    YOLO recipes carry over.
+    """
+
+    def __init__(self, cfg: LossConfig, anchors_px: torch.Tensor, strides: torch.Tensor, num_classes: int):
+        self.cfg = cfg
+        self.anchors_px = anchors_px.detach().float().cpu()  # [L, A, 2]
+        self.strides = strides.detach().float().cpu()  # [L]
+        self.num_classes = num_classes
+
+    def __call__(self, raw: list[torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        device = raw[0].device
+        levels = assign(
+            targets.float(), self.anchors_px.to(device), self.strides.to(device),
+            [(p.shape[2], p.shape[3]) for p in raw], cfg.anchor_t,
+        )
+        zero = torch.zeros((), device=device)
+        box, obj, cls, landmark = zero, zero, zero, zero
+        for level, (pred, t) in enumerate(zip(raw, levels)):
+            pred = pred.float()  # losses in fp32 whatever the forward's precision
+            obj_target = torch.zeros(pred.shape[:4], device=device)
+            if len(t.image):
+                picked = pred[t.image, t.anchor, t.cell_y, t.cell_x]  # [K, 15 + C]
+                xy = picked[:, :2].sigmoid() * 2 - 0.5
+                wh = (picked[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh
+                box_loss = ciou_loss(torch.cat([xy, wh], dim=1), t.box)
+                box = box + box_loss.mean()
+                # Objectness learns how well the box fits (CIoU, clamped at 0), not just "a face is here".
+                obj_target[t.image, t.anchor, t.cell_y, t.cell_x] = (1 - box_loss).detach().clamp(min=0)
+                if self.num_classes > 1:
+                    one_hot = F.one_hot(t.cls, self.num_classes).float()
+                    cls = cls + F.binary_cross_entropy_with_logits(picked[:, CLASSES:], one_hot)
+                points = picked[:, LANDMARKS] * t.anchor_wh.repeat(1, 5)
+                mask = t.landmark_mask
+                landmark = landmark + wing_loss(
+                    points[mask], t.landmarks[mask], cfg.wing_width, cfg.wing_curvature
+                ).sum() / mask.sum().clamp(min=1)
+            obj = obj + F.binary_cross_entropy_with_logits(pred[..., OBJ], obj_target) * cfg.balance[level]
+        scale = 3 / len(raw)
+        box = box * cfg.box * scale
+        obj = obj * cfg.obj * scale * (1.4 if len(raw) == 4 else 1.0)
+        cls = cls * cfg.cls * scale
+        landmark = landmark * cfg.landmark * scale
+        batch_size = raw[0].shape[0]
+        return {
+            "total": (box + obj + cls + landmark) * batch_size,
+            "box": box.detach(),
+            "obj": obj.detach(),
+            "cls": cls.detach(),
+            "landmark": landmark.detach(),
+        }

@@ -1,0 +1,86 @@
+"""DetectionLoss: finite without faces, reaches every head, and can overfit a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adyolo.data.dataset import FaceDataset, build_loader, list_images
+from adyolo.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
+from adyolo.loss.config import LossConfig
+from adyolo.loss.criterion import DetectionLoss
+from adyolo.model import build_model
+
+
+def make(num_classes=1, size=128, **model):
+    torch.manual_seed(0)
+    net = build_model({"size": "n", "fusion": "efficient", "img_size": size, "num_classes": num_classes, **model})
+    return net, DetectionLoss(LossConfig(), net.head.anchors, net.head.strides, num_classes)
+
+
+def faces_at_every_level(num_classes=1):
+    # Widths 8, 24, 64 and 180 px suit the anchors of strides 4, 8, 16 and 32 respectively.
+    rows = []
+    for i, (cx, cy, w) in enumerate([(30, 30, 8), (90, 40, 24), (60, 150, 64), (160, 160, 180)]):
+        pts = [cx - w / 4, cy, cx + w / 4, cy, cx, cy + w / 8, -1, -1, cx + w / 5, cy + w / 4]
+        rows.append([i % 2, i % num_classes, cx, cy, w, w * 1.2, *pts])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_finite_with_no_faces_and_only_objectness_learns():
+    net, loss_fn = make()
+    losses = loss_fn(net(torch.rand(2, 3, 128, 128)), torch.zeros(0, 16))
+    assert torch.isfinite(losses["total"]) and losses["obj"] > 0
+    assert losses["box"] == 0 and losses["landmark"] == 0 and losses["cls"] == 0
+    losses["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_every_term_reaches_all_four_heads():
+    net, loss_fn = make(size=256)
+    losses = loss_fn(net(torch.rand(2, 3, 256, 256)), faces_at_every_level())
+    assert all(losses[k] > 0 for k in ("box", "obj", "landmark"))
+    net.zero_grad()
+    # Backpropagate box + landmark only (objectness reaches every head even without faces).
+    raw = net(torch.rand(2, 3, 256, 256))
+    parts = DetectionLoss(LossConfig(obj=0.0), net.head.anchors, net.head.strides, 1)(raw, faces_at_every_level())
+    parts["total"].backward()
+    for level, conv in enumerate(net.head.convs):
+        grad = conv.weight.grad.view(3, 16, -1)
+        assert grad[:, :4].abs().sum() > 0, f"no box gradient at level {level}"
+        assert grad[:, 5:15].abs().sum() > 0, f"no landmark gradient at level {level}"
+
+
+def test_class_loss_only_with_several_classes():
+    net, loss_fn = make(num_classes=3, size=256)
+    losses = loss_fn(net(torch.rand(2, 3, 256, 256)), faces_at_every_level(num_classes=3))
+    assert losses["cls"] > 0
+    net1, loss_fn1 = make(num_classes=1, size=256)
+    assert loss_fn1(net1(torch.rand(2, 3, 256, 256)), faces_at_every_level())["cls"] == 0
+
+
+def test_bf16_outputs_give_fp32_losses():
+    net, loss_fn = make(size=256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = net(torch.rand(2, 3, 256, 256))
+    losses = loss_fn(raw, faces_at_every_level())
+    assert losses["total"].dtype == torch.float32 and torch.isfinite(losses["total"])
+
+
+def test_overfits_one_synthetic_batch(tmp_path):
+    splits = ensure_synthetic_dataset(tmp_path / "synthetic", SyntheticConfig(num_train=4, num_val=1, image_size=192, max_face=80))
+    batch = next(iter(build_loader(FaceDataset(list_images(splits["train"]), 192), 4, False, 0, 0)))
+    assert len(batch["targets"]) >= 4
+    net, loss_fn = make(size=192)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-3)
+    images = batch["images"].float() / 255
+    history = []
+    for _ in range(60):
+        losses = loss_fn(net(images), batch["targets"])
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    assert history[-1]["total"] < history[0]["total"] / 3
+    for term in ("box", "landmark"):
+        assert history[-1][term] < history[0][term] / 2, term
