@@ -12,6 +12,11 @@ process RSS on CPU. Each pair runs in a fresh subprocess, so an out-of-memory er
 first row that ran (memory: peak allocated on GPU, RSS growth during the steps on CPU). The objective is the mean square of the head outputs: this measures the
 network, not the detection loss or the optimizer.
 
+With --loader it measures the training data loader instead: images/s per worker count, with the
+full training augmentation (mosaic, affine, HSV, flip), on the synthetic default or --data.
+
+    python launch/bench.py --loader --workers 0,1,2,4 --img 640
+
 Writes bench.md and bench.json to --out (default runs/bench/<date>).
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -30,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+from adyolo.data.config import DataConfig
+from adyolo.data.dataset import FaceDataset, build_loader, list_images
+from adyolo.data.synthetic import ensure_synthetic_dataset
 from adyolo.model import build_model
 from adyolo.model.summary import count_gflops, count_parameters
 
@@ -142,6 +151,28 @@ def table(rows: list[dict], device_name: str) -> str:
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
+def bench_loader(workers: list[int], img: int, batch: int, batches: int, data: str | None) -> tuple[str, list[dict]]:
+    """Images/s of the augmented training loader for each worker count (after one warm-up batch)."""
+    cfg = DataConfig()
+    source = data or ensure_synthetic_dataset(cfg.synthetic_root, cfg.synthetic)["train"]
+    dataset = FaceDataset(list_images(source), img, cfg.augment)
+    rows = []
+    for num_workers in workers:
+        loader = iter(build_loader(dataset, batch, shuffle=True, workers=num_workers, seed=0))
+        next(loader)  # worker start-up is not throughput
+        start, images = time.perf_counter(), 0
+        for _ in range(batches):
+            images += len(next(loader)["images"])
+        rows.append({"workers": num_workers, "images_per_s": images / (time.perf_counter() - start)})
+        del loader
+    header = (
+        f"Data loader, {len(dataset)} images from {source}, {img} px, batch {batch}, mosaic + affine + HSV + flip; "
+        f"{os.cpu_count()} CPUs; {dt.date.today().isoformat()}"
+    )
+    lines = ["| workers | images/s |", "|---|---|"] + [f"| {r['workers']} | {r['images_per_s']:.0f} |" for r in rows]
+    return header + "\n\n" + "\n".join(lines) + "\n", rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one row, JSON in and out
@@ -157,10 +188,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, help="folder for bench.md and bench.json")
+    parser.add_argument("--loader", action="store_true", help="measure the data loader instead of the model")
+    parser.add_argument("--workers", default="0,2,4", help="--loader: comma list of worker counts")
+    parser.add_argument("--batches", type=int, default=20, help="--loader: timed batches per worker count")
+    parser.add_argument("--data", help="--loader: image folder or list (default: the synthetic dataset)")
     args = parser.parse_args()
 
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
+        return
+    out = args.out or Path("runs/bench") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.loader:
+        workers = [int(w) for w in args.workers.split(",") if w]
+        report, rows = bench_loader(workers, args.img, args.batch or 16, args.batches, args.data)
+        _write(out, report, {"loader": rows})
         return
 
     cuda = args.device.startswith("cuda")
@@ -193,11 +234,13 @@ def main() -> None:
             row = run_row({**base, "variant": variant, "checkpoint": ckpt == "on"})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = table(rows, device_name)
-    out = args.out or Path("runs/bench") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    _write(out, table(rows, device_name), {"device": device_name, "rows": rows})
+
+
+def _write(out: Path, report: str, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(report)
-    (out / "bench.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=2))
+    (out / "bench.json").write_text(json.dumps(data, indent=2))
     print("\n" + report + f"\nwritten to {out}/bench.md")
 
 

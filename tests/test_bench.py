@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 BENCH = Path(__file__).parents[1] / "launch" / "bench.py"
 
 
@@ -37,3 +40,18 @@ def test_bench_rejects_unknown_variant(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown 'full/flash'" in proc.stderr
+
+
+def test_loader_bench_reports_each_worker_count(tmp_path):
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    for i in range(6):
+        cv2.imwrite(str(images / f"{i}.jpg"), np.full((48, 64, 3), 30 * i, np.uint8))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--loader", "--workers", "0,1", "--img", "64", "--batch", "2",
+         "--batches", "2", "--data", str(images), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["loader"]
+    assert [r["workers"] for r in rows] == [0, 1] and all(r["images_per_s"] > 0 for r in rows)
