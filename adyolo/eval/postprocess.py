@@ -41,8 +41,8 @@ def postprocess(
 def unletterbox(detections: torch.Tensor, ratio: float, pad_x: float, pad_y: float) -> torch.Tensor:
     """Map [K, 16] detections from letterboxed pixels back to the original image's pixels."""
     out = detections.clone()
-    coords = torch.cat([out[:, 0:4], out[:, 5:15]], dim=1).view(len(out), -1, 2)
+    coords = torch.cat([out[:, 0:4], out[:, 5:15]], dim=1).view(len(out), 7, 2)  # 2 box corners + 5 points
     coords = (coords - coords.new_tensor([pad_x, pad_y])) / ratio
-    flat = coords.reshape(len(out), -1)
+    flat = coords.reshape(len(out), 14)
     out[:, 0:4], out[:, 5:15] = flat[:, :4], flat[:, 4:]
     return out

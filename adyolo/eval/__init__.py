@@ -1,0 +1,1 @@
+"""Evaluation: post-processing of raw head outputs, WIDER FACE AP and a generic mAP@0.5."""

@@ -1,0 +1,450 @@
+"""WIDER FACE average precision, following the official evaluation protocol (eval_tools and its
+widely used Python port), in NumPy.
+
+The protocol differs from COCO/VOC matching in ways that change the numbers, so it is kept apart
+from `coco_map`:
+
+* Scores are min-max normalised over all predictions of the whole dataset, then swept over a fixed
+  grid of 1000 thresholds t_k = 1 - (k + 1) / 1000 (k = 0..999).
+* Boxes use the "+1 pixel" convention: a box x, y, w, h covers x..x+w inclusive, i.e. w + 1 pixels.
+* There is no one-to-one matching: each prediction takes its best-IoU ground-truth face. A match to
+  a face that does not count in the setting ("ignore" face) removes the prediction from the count;
+  a second match to an already recalled face is a false positive.
+* AP is the VOC all-point area under the resulting precision/recall curve.
+
+Also here: reading/writing the official prediction layout (pred_dir/<event>/<image>.txt) and
+loading the official ground truth (.mat files from eval_tools/ground_truth/).
+
+Decisions where the official code is undefined (it would divide by zero) or stricter:
+
+* Precision at a threshold with no proposals (0/0) is 0. Such a threshold also has recall 0 (a
+  recalled face needs a counted proposal), and points at recall 0 never contribute area, so the
+  choice does not affect AP.
+* If every prediction has the same score (max == min) all normalised scores are 1, so every
+  prediction passes every threshold.
+* A setting with no faces that count in it over the whole dataset has recall 0 and AP NaN
+  (undefined).
+* Images in the ground truth but missing from the predictions count as images with no predictions
+  (the official code would fail); their faces still lower recall.
+* Images without ground-truth faces are evaluated too (the official port skips them; every official
+  validation image has faces, so official numbers are unchanged): their predictions are false
+  positives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS = ("easy", "medium", "hard")
+
+# Official ground-truth file names inside eval_tools/ground_truth/.
+FACE_MAT = "wider_face_val.mat"
+SETTING_MATS = {setting: f"wider_{setting}_val.mat" for setting in SETTINGS}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class ImageGroundTruth:
+    """Ground-truth faces of one image."""
+
+    boxes: np.ndarray  # [N, 4] x, y, w, h in pixels (float)
+    keep: dict[str, np.ndarray]  # setting name -> [N] bool: faces that count in that setting
+
+
+@dataclass
+class PRCurve:
+    """Dataset-level precision/recall over the score thresholds of one setting."""
+
+    precision: np.ndarray  # [T] (T = num_thresholds, 1000 by default)
+    recall: np.ndarray  # [T]
+    thresholds: np.ndarray  # [T] normalised-score thresholds, descending
+    ap: float  # VOC all-point AP of the curve; NaN when no face counts in the setting
+
+
+@dataclass
+class _ImageMatches:
+    """Per-image quantities that do not depend on the setting (computed once, reused for each)."""
+
+    best_gt: np.ndarray  # [M] int: index of the best-IoU ground-truth face of each prediction
+    best_iou: np.ndarray  # [M] float: that IoU (-inf when the image has no faces)
+    num_passing: np.ndarray  # [T] int: number of predictions with normalised score >= t_k
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def iou_matrix_plus_one(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """IoU of every box in `boxes_a` [M, 4] with every box in `boxes_b` [N, 4] (x, y, w, h, pixels)
+    -> [M, N], with the official "+1 pixel" convention: x2 = x + w is inclusive, so the box is
+    w + 1 pixels wide and two boxes touching at one edge overlap by one pixel column."""
+    a = np.asarray(boxes_a, dtype=np.float64)[:, None, :]
+    b = np.asarray(boxes_b, dtype=np.float64)[None, :, :]
+    inter_w = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1
+    inter_h = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1
+    intersection = np.clip(inter_w, 0, None) * np.clip(inter_h, 0, None)
+    area_a = (a[..., 2] + 1) * (a[..., 3] + 1)
+    area_b = (b[..., 2] + 1) * (b[..., 3] + 1)
+    union = area_a + area_b - intersection
+    # Only degenerate boxes (w or h <= -1) give union <= 0; call their overlap 0, not NaN.
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def voc_average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC all-point AP of a curve given as recall [T] (non-decreasing) and precision [T]."""
+    recall_points = np.concatenate(([0.0], recall, [1.0]))
+    precision_points = np.concatenate(([0.0], precision, [0.0]))
+    # Precision envelope: the best precision reachable at this recall or any higher one.
+    precision_points = np.maximum.accumulate(precision_points[::-1])[::-1]
+    steps = np.flatnonzero(recall_points[1:] != recall_points[:-1])
+    return float(np.sum((recall_points[steps + 1] - recall_points[steps]) * precision_points[steps + 1]))
+
+
+def score_thresholds(num_thresholds: int = 1000) -> np.ndarray:
+    """[T] descending thresholds t_k = 1 - (k + 1) / T, exactly as the official code computes them
+    (the last one is 0, so every normalised score passes it)."""
+    return 1 - (np.arange(num_thresholds) + 1) / num_thresholds
+
+
+def widerface_evaluate(
+    predictions: Mapping[str, np.ndarray],
+    ground_truth: Mapping[str, ImageGroundTruth],
+    settings: Sequence[str] = SETTINGS,
+    iou_threshold: float = 0.5,
+    num_thresholds: int = 1000,
+) -> dict[str, PRCurve]:
+    """WIDER FACE precision/recall curves and AP per setting.
+
+    predictions: image id -> [M, 5] x, y, w, h, score (pixels; any score scale). Images of
+        `ground_truth` missing here have no predictions. An id not in `ground_truth` is an error.
+    ground_truth: image id -> faces [N, 4] and, per setting, the [N] mask of faces that count.
+    Returns setting name -> PRCurve over `num_thresholds` normalised-score thresholds.
+    """
+    unknown = [image_id for image_id in predictions if image_id not in ground_truth]
+    if unknown:
+        raise ValueError(
+            f"prediction for image {unknown[0]!r} which is not in the ground truth "
+            f"({len(unknown)} unknown image id(s))"
+        )
+    thresholds = score_thresholds(num_thresholds)
+    sorted_predictions = {
+        image_id: _sorted_by_score(_check_predictions(image_id, predictions.get(image_id)))
+        for image_id in ground_truth
+    }
+    score_min, score_range = _score_normalisation(sorted_predictions.values())
+
+    proposals = {setting: np.zeros(num_thresholds, dtype=np.int64) for setting in settings}
+    recalled = {setting: np.zeros(num_thresholds, dtype=np.int64) for setting in settings}
+    num_faces = dict.fromkeys(settings, 0)
+    for image_id, truth in ground_truth.items():
+        boxes = _check_boxes(image_id, truth.boxes)
+        image_predictions = sorted_predictions[image_id]
+        normalised_scores = _normalise(image_predictions[:, 4], score_min, score_range)
+        matches = _match_image(image_predictions[:, :4], normalised_scores, boxes, thresholds)
+        for setting in settings:
+            keep = _check_keep(image_id, truth, setting, len(boxes))
+            num_faces[setting] += int(keep.sum())
+            pred_recall, proposal = _walk_predictions(matches, keep, iou_threshold)
+            _accumulate(matches.num_passing, pred_recall, proposal, proposals[setting], recalled[setting])
+
+    return {
+        setting: _curve(proposals[setting], recalled[setting], num_faces[setting], thresholds)
+        for setting in settings
+    }
+
+
+def _sorted_by_score(predictions: np.ndarray) -> np.ndarray:
+    """[M, 5] -> the same rows by descending score (stable, so equal scores keep file order)."""
+    return predictions[np.argsort(-predictions[:, 4], kind="stable")]
+
+
+def _score_normalisation(all_predictions) -> tuple[float, float]:
+    """(min, max - min) of the scores over the whole dataset; range 0 when there is nothing to
+    spread (no predictions, or all scores equal)."""
+    scores = [predictions[:, 4] for predictions in all_predictions if len(predictions)]
+    if not scores:
+        return 0.0, 0.0
+    scores = np.concatenate(scores)
+    score_min = float(scores.min())
+    return score_min, float(scores.max()) - score_min
+
+
+def _normalise(scores: np.ndarray, score_min: float, score_range: float) -> np.ndarray:
+    """[M] raw scores -> [M] in [0, 1]; with a zero range every score becomes 1 (see module doc)."""
+    if score_range <= 0:
+        return np.ones_like(scores)
+    return (scores - score_min) / score_range
+
+
+def _match_image(
+    boxes: np.ndarray, normalised_scores: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray
+) -> _ImageMatches:
+    """Best-IoU face of each prediction ([M, 4] boxes sorted by descending score) and how many
+    predictions pass each threshold."""
+    num_predictions = len(boxes)
+    if len(gt_boxes):
+        overlaps = iou_matrix_plus_one(boxes, gt_boxes)  # [M, N]
+        best_gt = overlaps.argmax(axis=1)  # first maximum on ties, like the official argmax
+        best_iou = overlaps[np.arange(num_predictions), best_gt]
+    else:
+        best_gt = np.zeros(num_predictions, dtype=np.int64)
+        best_iou = np.full(num_predictions, -np.inf)
+    # Scores are descending, so their negatives ascend; the count of scores >= t is the insertion
+    # point of -t to the right of equal values. All thresholds at once.
+    num_passing = np.searchsorted(-normalised_scores, -thresholds, side="right")
+    return _ImageMatches(best_gt=best_gt, best_iou=best_iou, num_passing=num_passing)
+
+
+def _walk_predictions(
+    matches: _ImageMatches, keep: np.ndarray, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The official sequential walk over predictions (descending score), vectorised.
+
+    Returns pred_recall [M] (int: faces of `keep` [N] recalled by predictions 0..i) and
+    proposal [M] (bool: False for predictions matched to an ignored face).
+
+    The walk only ever marks kept faces as recalled, and a prediction recalls a new face exactly
+    when it is the first (highest-scored) prediction whose best match is that kept face at
+    IoU >= threshold; later ones are false positives. So the running count is a cumulative sum of
+    first occurrences.
+    """
+    matched = matches.best_iou >= iou_threshold
+    keep_of_best = keep[matches.best_gt] if len(keep) else np.zeros(len(matched), dtype=bool)
+    hits = np.flatnonzero(matched & keep_of_best)
+    _, first_of_each_face = np.unique(matches.best_gt[hits], return_index=True)
+    newly_recalled = np.zeros(len(matched), dtype=np.int64)
+    newly_recalled[hits[first_of_each_face]] = 1
+    proposal = ~(matched & ~keep_of_best)
+    return np.cumsum(newly_recalled), proposal
+
+
+def _accumulate(
+    num_passing: np.ndarray,
+    pred_recall: np.ndarray,
+    proposal: np.ndarray,
+    proposals: np.ndarray,
+    recalled: np.ndarray,
+) -> None:
+    """Add one image's counts at every threshold into `proposals` [T] and `recalled` [T] (in place):
+    at threshold t_k the image contributes through its last prediction r with score >= t_k."""
+    has_any = num_passing > 0
+    last = num_passing[has_any] - 1
+    proposals[has_any] += np.cumsum(proposal)[last]
+    recalled[has_any] += pred_recall[last]
+
+
+def _curve(proposals: np.ndarray, recalled: np.ndarray, num_faces: int, thresholds: np.ndarray) -> PRCurve:
+    """Dataset-level counts [T] -> precision, recall and AP (0/0 precision is 0, see module doc)."""
+    precision = np.divide(
+        recalled, proposals, out=np.zeros(len(proposals), dtype=np.float64), where=proposals > 0
+    )
+    if num_faces == 0:
+        return PRCurve(precision, np.zeros(len(proposals)), thresholds, float("nan"))
+    recall = recalled / num_faces
+    return PRCurve(precision, recall, thresholds, voc_average_precision(recall, precision))
+
+
+def _check_predictions(image_id: str, predictions: np.ndarray | None) -> np.ndarray:
+    """None or [M, 5] -> float64 [M, 5] ([0, 5] when empty)."""
+    if predictions is None:
+        return np.zeros((0, 5))
+    predictions = np.asarray(predictions, dtype=np.float64)
+    if predictions.size == 0:
+        return np.zeros((0, 5))
+    if predictions.ndim != 2 or predictions.shape[1] != 5:
+        raise ValueError(f"predictions of {image_id!r}: expected [M, 5] x y w h score, got {predictions.shape}")
+    return predictions
+
+
+def _check_boxes(image_id: str, boxes: np.ndarray) -> np.ndarray:
+    """[N, 4] -> float64 [N, 4] ([0, 4] when empty)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.size == 0:
+        return np.zeros((0, 4))
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"ground truth of {image_id!r}: expected [N, 4] x y w h, got {boxes.shape}")
+    return boxes
+
+
+def _check_keep(image_id: str, truth: ImageGroundTruth, setting: str, num_boxes: int) -> np.ndarray:
+    """The [N] bool keep mask of `setting`, checked against the number of faces."""
+    if setting not in truth.keep:
+        raise ValueError(f"ground truth of {image_id!r} has no keep mask for setting {setting!r}")
+    keep = np.asarray(truth.keep[setting], dtype=bool).reshape(-1)
+    if len(keep) != num_boxes:
+        raise ValueError(
+            f"ground truth of {image_id!r}: keep mask of {setting!r} has {len(keep)} entries for {num_boxes} faces"
+        )
+    return keep
+
+
+def keep_by_size(boxes: np.ndarray, min_sizes: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Size-based difficulty for datasets without official lists: boxes [N, 4] x, y, w, h (pixels)
+    -> setting -> [N] bool, True where min(w, h) >= that setting's min size, e.g.
+    {"easy": 32, "medium": 16, "hard": 0}."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    smaller_side = np.minimum(boxes[:, 2], boxes[:, 3])
+    return {setting: smaller_side >= min_size for setting, min_size in min_sizes.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Official ground truth (.mat)
+
+
+def load_widerface_mat(gt_dir: str | Path) -> dict[str, ImageGroundTruth]:
+    """Official validation ground truth -> image id ("<event>/<file name>") -> ImageGroundTruth with
+    keep masks for easy / medium / hard.
+
+    gt_dir holds wider_face_val.mat (event_list [E, 1], file_list [E, 1] of [F, 1], face_bbx_list
+    [E, 1] of [F, 1] of [N, 4] x y w h) and wider_{easy,medium,hard}_val.mat (gt_list [E, 1] of
+    [F, 1] of [K, 1] 1-based indices of the faces that count in that setting).
+    """
+    gt_dir = Path(gt_dir)
+    faces = _load_mat(gt_dir / FACE_MAT)
+    events = _cells(faces["event_list"])
+    file_lists = _cells(faces["file_list"])
+    box_lists = _cells(faces["face_bbx_list"])
+    keep_lists = {setting: _cells(_load_mat(gt_dir / name)["gt_list"]) for setting, name in SETTING_MATS.items()}
+    for what, cells in [("file_list", file_lists), ("face_bbx_list", box_lists)] + [
+        (f"gt_list of {SETTING_MATS[setting]}", cells) for setting, cells in keep_lists.items()
+    ]:
+        if len(cells) != len(events):
+            raise ValueError(f"{gt_dir}: {what} has {len(cells)} events, event_list has {len(events)}")
+
+    ground_truth = {}
+    for event_index, event_cell in enumerate(events):
+        event = _cell_string(event_cell)
+        files = _cells(file_lists[event_index])
+        boxes_per_file = _cells(box_lists[event_index])
+        keep_per_file = {setting: _cells(cells[event_index]) for setting, cells in keep_lists.items()}
+        for file_index, file_cell in enumerate(files):
+            image_id = f"{event}/{_strip_image_extension(_cell_string(file_cell))}"
+            boxes = np.asarray(boxes_per_file[file_index], dtype=np.float64).reshape(-1, 4)
+            keep = {
+                setting: _keep_mask(image_id, setting, cells[file_index], len(boxes))
+                for setting, cells in keep_per_file.items()
+            }
+            ground_truth[image_id] = ImageGroundTruth(boxes=boxes, keep=keep)
+    return ground_truth
+
+
+def _load_mat(path: Path) -> dict:
+    """scipy.io.loadmat with default (unsqueezed) layout; a missing file says where to get it."""
+    from scipy.io import loadmat  # only needed for the official ground truth
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the official WIDER FACE ground truth ({FACE_MAT}, "
+            f"{', '.join(SETTING_MATS.values())}) comes with the WIDER FACE eval_tools archive, "
+            "folder ground_truth/"
+        )
+    return loadmat(str(path))
+
+
+def _cells(cell_array) -> list:
+    """A MATLAB cell array as loaded by loadmat (object array [K, 1] or [1, K]) -> its K elements."""
+    return list(np.asarray(cell_array, dtype=object).reshape(-1))
+
+
+def _cell_string(cell) -> str:
+    """A MATLAB char array as loaded by loadmat (e.g. array(['0--Parade'])) -> the string."""
+    while isinstance(cell, np.ndarray):
+        if cell.size != 1:
+            raise ValueError(f"expected a single string in a .mat cell, got an array of shape {cell.shape}")
+        cell = cell.reshape(-1)[0]
+    return str(cell)
+
+
+def _strip_image_extension(name: str) -> str:
+    """The official file_list has names without extension; drop one anyway if present."""
+    for extension in IMAGE_EXTENSIONS:
+        if name.lower().endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def _keep_mask(image_id: str, setting: str, indices, num_faces: int) -> np.ndarray:
+    """1-based face indices [K, 1] -> [num_faces] bool mask."""
+    indices = np.asarray(indices).reshape(-1).astype(np.int64)
+    if len(indices) and (indices.min() < 1 or indices.max() > num_faces):
+        raise ValueError(
+            f"{image_id}: {setting} face index out of range 1..{num_faces}: {indices.min()}..{indices.max()}"
+        )
+    mask = np.zeros(num_faces, dtype=bool)
+    mask[indices - 1] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Official prediction layout: pred_dir/<event>/<image name>.txt
+
+
+def read_prediction_dir(pred_dir: str | Path) -> dict[str, np.ndarray]:
+    """Every pred_dir/**/<name>.txt -> image id (path relative to pred_dir without .txt, e.g.
+    "0--Parade/0_Parade_marchingband_1_20") -> [M, 5] x, y, w, h, score (pixels)."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"prediction directory {pred_dir} does not exist")
+    return {
+        path.relative_to(pred_dir).with_suffix("").as_posix(): _read_prediction_file(path)
+        for path in sorted(pred_dir.rglob("*.txt"))
+    }
+
+
+def _read_prediction_file(path: Path) -> np.ndarray:
+    """One prediction file: line 1 the image name, line 2 the count, then count "x y w h score"
+    lines -> [count, 5]. Trailing blank lines are allowed; anything else malformed is a ValueError
+    naming file:line."""
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path}:1: expected the image name, the file is empty")
+    if len(lines) < 2:
+        raise ValueError(f"{path}:2: expected the number of detections, the file ends")
+    try:
+        count = int(lines[1].strip())
+    except ValueError:
+        raise ValueError(f"{path}:2: expected the number of detections (an integer), got {lines[1]!r}") from None
+    detection_lines = lines[2:]
+    if len(detection_lines) < count:
+        raise ValueError(
+            f"{path}:{len(lines) + 1}: expected {count} detection lines after line 2, found {len(detection_lines)}"
+        )
+    if len(detection_lines) > count:
+        raise ValueError(f"{path}:{3 + count}: expected only {count} detection lines (the count on line 2)")
+    detections = np.zeros((count, 5))
+    for row, line in enumerate(detection_lines):
+        detections[row] = _parse_detection(path, 3 + row, line)
+    return detections
+
+
+def _parse_detection(path: Path, line_number: int, line: str) -> list[float]:
+    """'x y w h score' -> five floats, or a ValueError naming file:line."""
+    fields = line.split()
+    try:
+        if len(fields) != 5:
+            raise ValueError
+        return [float(field) for field in fields]
+    except ValueError:
+        raise ValueError(f"{path}:{line_number}: expected 'x y w h score' (5 numbers), got {line!r}") from None
+
+
+def write_prediction_dir(pred_dir: str | Path, predictions: Mapping[str, np.ndarray]) -> None:
+    """image id ("<event>/<name>") -> [M, 5] x, y, w, h, score, written as pred_dir/<event>/<name>.txt
+    in the official layout. Values are written with repr so that reading back is exact."""
+    pred_dir = Path(pred_dir)
+    for image_id, detections in predictions.items():
+        relative = Path(image_id)
+        if not image_id or relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"image id {image_id!r} must be a relative path like '<event>/<name>'")
+        detections = _check_predictions(image_id, detections)
+        lines = [relative.name, str(len(detections))]
+        lines += [" ".join(repr(float(value)) for value in row) for row in detections]
+        path = pred_dir / f"{image_id}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
