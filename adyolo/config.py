@@ -2,9 +2,13 @@
 
 A run YAML states only what differs from the defaults:
 
+    epochs: 50
     model:
       size: s
       fusion: efficient
+    train:
+      global_batch: 40
+      precision: bf16
 
 `model:` may also name a model file (`model: model/adyolo_s_efficient.yaml`, relative to the run
 file). Overrides use dotted keys: `model.size=n model.checkpoint=[neck.low_fusion]`; their values
@@ -22,14 +26,31 @@ from typing import Any
 
 import yaml
 
+from adyolo.data.config import DataConfig
+from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
+from adyolo.loss.config import LossConfig
 from adyolo.model.config import ModelConfig
 from adyolo.schema import ConfigError, from_mapping
 
 
 @dataclass
 class RunConfig:
+    output_dir: str = "runs/train"
+    """Run directory: checkpoints, weights, the MLflow store and artifacts."""
+    epochs: int = 100
+    """Passes over the training set."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The detector (adyolo.model.config.ModelConfig)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("epochs", f"{self.epochs} must be at least 1")
+        if not self.output_dir:
+            raise ConfigError("output_dir", "must name a folder")
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from adyolo.data.config import DataConfig
 from adyolo.data.faces import Faces
 from adyolo.data.labels import LabelError, label_path_for, read_label_file
+from adyolo.data.synthetic import ensure_synthetic_dataset
 from adyolo.data.transforms import (
     AugmentConfig,
     hsv_jitter,
@@ -174,4 +176,18 @@ def build_loader(dataset: FaceDataset, batch_size: int, shuffle: bool, workers: 
     )
 
 
-__all__ = ["FaceDataset", "LabelError", "build_loader", "collate", "list_images"]
+
+
+def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDataset, FaceDataset]:
+    """(train, val) datasets for a DataConfig; the synthetic default is generated on first use."""
+    if cfg.train is None:
+        splits = ensure_synthetic_dataset(cfg.synthetic_root, cfg.synthetic)
+        train_source, val_source = splits["train"], splits["val"]
+    else:
+        train_source, val_source = cfg.train, cfg.val
+    train = FaceDataset(list_images(train_source), img_size, cfg.augment, cfg.skip_bad_labels, seed)
+    val = FaceDataset(list_images(val_source), img_size, None, cfg.skip_bad_labels, seed)
+    return train, val
+
+
+__all__ = ["FaceDataset", "LabelError", "build_datasets", "build_loader", "collate", "list_images"]

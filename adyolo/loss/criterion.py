@@ -10,6 +10,7 @@ from adyolo.loss.config import LossConfig
 from adyolo.loss.terms import ciou_loss, wing_loss
 
 OBJ, LANDMARKS, CLASSES = 4, slice(5, 15), 15
+MIN_SIZE = 1e-3  # grid cells
 
 
 class DetectionLoss:
@@ -41,7 +42,9 @@ class DetectionLoss:
             if len(t.image):
                 picked = pred[t.image, t.anchor, t.cell_y, t.cell_x]  # [K, 15 + C]
                 xy = picked[:, :2].sigmoid() * 2 - 0.5
-                wh = (picked[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh
+                # torchvision's CIoU divides by the predicted height with no epsilon: a size that
+                # underflows to 0 would give NaN. A floor of 1e-3 cells is far below a pixel.
+                wh = ((picked[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh).clamp(min=MIN_SIZE)
                 box_loss = ciou_loss(torch.cat([xy, wh], dim=1), t.box)
                 box = box + box_loss.mean()
                 # Objectness learns how well the box fits (CIoU, clamped at 0), not just "a face is here".

@@ -84,3 +84,16 @@ def test_overfits_one_synthetic_batch(tmp_path):
     assert history[-1]["total"] < history[0]["total"] / 3
     for term in ("box", "landmark"):
         assert history[-1][term] < history[0][term] / 2, term
+
+
+def test_a_collapsed_box_prediction_gives_finite_gradients():
+    # A size logit so negative that (2 * sigmoid)^2 underflows to 0.
+    net, loss_fn = make(size=256)
+    raw = [r.detach().clone().requires_grad_() for r in net(torch.rand(2, 3, 256, 256))]
+    with torch.no_grad():
+        for r in raw:
+            r[..., 2:4] = -200.0
+    losses = loss_fn(raw, faces_at_every_level())
+    losses["total"].backward()
+    assert torch.isfinite(losses["total"]) and losses["box"] > 0
+    assert all(torch.isfinite(r.grad).all() for r in raw)

@@ -1,0 +1,1 @@
+"""The training engine: the only package that talks to accelerate / DeepSpeed."""

@@ -1,0 +1,111 @@
+"""Build the Accelerator: process group, precision, DeepSpeed, batch split. The only place that
+decides how the run is distributed; everything is checked before a process group exists."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+
+from adyolo.engine.batching import BatchSplit, split_global_batch
+from adyolo.engine.config import OptimConfig, TrainConfig
+from adyolo.schema import ConfigError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher asked for, read from the environment `accelerate launch` sets up."""
+
+    world_size: int
+    deepspeed_config: Path | None  # the DeepSpeed JSON, when running under DeepSpeed
+
+    @classmethod
+    def from_environment(cls) -> Launch:
+        use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        return cls(int(os.environ.get("WORLD_SIZE", "1")), Path(ds_file) if use_ds and ds_file else None)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    stage: int
+    bf16_autocast: bool
+    gradient_clipping: float
+
+
+def read_deepspeed_config(path: Path) -> DeepSpeedSettings:
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError("deepspeed_config_file", f"cannot read {path}: {err}", location=str(path)) from None
+    autocast = ds.get("torch_autocast", {})
+    if ds.get("bf16", {}).get("enabled") not in (None, False) or ds.get("fp16", {}).get("enabled") not in (None, False):
+        raise ConfigError(
+            "bf16.enabled", "casts the weights but not the BatchNorm buffers, which breaks BatchNorm; "
+            'use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead', location=str(path)
+        )
+    return DeepSpeedSettings(
+        stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+        bf16_autocast=bool(autocast.get("enabled")) and autocast.get("dtype", "bfloat16") == "bfloat16",
+        gradient_clipping=float(ds.get("gradient_clipping", 0.0)),
+    )
+
+
+def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path: Path | None) -> str:
+    """"auto": bf16 on CUDA, fp32 on CPU, or what the DeepSpeed JSON says; explicit values must agree with it."""
+    if ds is not None:
+        json_precision = "bf16" if ds.bf16_autocast else "fp32"
+        if train.precision not in ("auto", json_precision):
+            raise ConfigError(
+                "train.precision", f"{train.precision} but {ds_path} sets {json_precision} (torch_autocast); "
+                f"make them agree, or set train.precision=auto",
+            )
+        return json_precision
+    if train.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return train.precision
+
+
+def build_accelerator(train: TrainConfig, optim: OptimConfig, output_dir: str | Path) -> tuple[Accelerator, BatchSplit, str, int]:
+    """-> (accelerator, batch split, precision "fp32" | "bf16", ZeRO stage or 0 without DeepSpeed)."""
+    launch = Launch.from_environment()
+    fixed_micro = train.micro_batch if isinstance(train.micro_batch, int) else None
+    split = split_global_batch(train.global_batch, launch.world_size, fixed_micro)
+    ds = read_deepspeed_config(launch.deepspeed_config) if launch.deepspeed_config else None
+    precision = resolve_precision(train, ds, launch.deepspeed_config)
+    if ds is not None and ds.gradient_clipping != optim.grad_clip:
+        raise ConfigError(
+            "optim.grad_clip", f"{optim.grad_clip} but {launch.deepspeed_config} has gradient_clipping="
+            f"{ds.gradient_clipping}; under DeepSpeed the JSON clips, so make them equal",
+        )
+    return _accelerator(train, split, precision, ds is not None, output_dir), split, precision, ds.stage if ds else 0
+
+
+def _accelerator(train: TrainConfig, split: BatchSplit, precision: str, deepspeed: bool, output_dir) -> Accelerator:
+    # Without CUDA, accelerate picks no backend for DeepSpeed and each rank believes it is alone;
+    # gloo makes CPU runs (tests, laptops) real multi-process runs.
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=train.timeout_s))
+    if not torch.cuda.is_available() and split.world_size > 1:
+        group = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=train.timeout_s))
+    accelerator = Accelerator(
+        # Without CUDA, plain DDP must be asked for as CPU training, or each rank trains alone.
+        cpu=not torch.cuda.is_available() and not deepspeed,
+        gradient_accumulation_steps=split.accumulation,
+        # Under DeepSpeed precision belongs to its JSON (torch_autocast); checked above.
+        mixed_precision=None if deepspeed else ("bf16" if precision == "bf16" else "no"),
+        kwargs_handlers=[group],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        project_dir=str(output_dir),
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.num_processes != split.world_size or (split.world_size > 1 and accelerator.distributed_type.name == "NO"):
+        raise RuntimeError(
+            f"the launcher started {split.world_size} processes but accelerate runs {accelerator.num_processes} "
+            f"({accelerator.distributed_type.name}): the ranks would not share gradients"
+        )
+    return accelerator

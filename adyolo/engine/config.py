@@ -1,0 +1,98 @@
+"""Config sections of the training engine: optimisation, schedule, precision, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from adyolo.schema import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """SGD (momentum, Nesterov) as in YOLOv5, or AdamW."""
+    lr: float = 0.01
+    """Peak learning rate."""
+    final_lr_ratio: float = 0.01
+    """Learning rate at the last epoch, as a fraction of `lr`."""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """Decay from `lr` to `lr * final_lr_ratio` over the epochs after warm-up."""
+    momentum: float = 0.937
+    """SGD momentum / AdamW beta1."""
+    weight_decay: float = 5e-4
+    """Decay for conv/linear weights, scaled by global_batch / 64 as in YOLOv5; never on BN or biases."""
+    warmup_epochs: float = 3.0
+    """Linear warm-up of the learning rate (and of SGD momentum from `warmup_momentum`)."""
+    warmup_min_steps: int = 100
+    """Warm-up lasts at least this many optimizer steps."""
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    """Biases start warm-up at this learning rate and fall to `lr` (YOLOv5)."""
+    grad_clip: float = 10.0
+    """Clip the global gradient norm (0: off). Under DeepSpeed, set `gradient_clipping` in its JSON."""
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "final_lr_ratio", "weight_decay", "warmup_epochs", "grad_clip", "warmup_bias_lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"{getattr(self, key)} must not be negative")
+        if self.lr == 0:
+            raise ConfigError("lr", "0 would never update the weights")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"{self.momentum} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 40
+    """Images per optimizer step across all ranks = micro_batch x ranks x accumulation."""
+    micro_batch: int | Literal["auto"] | None = None
+    """Images per rank per forward pass. None: global_batch / ranks. "auto": the largest that fits the GPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA, fp32 on CPU, or the
+    DeepSpeed JSON's choice; under DeepSpeed an explicit value must agree with the JSON."""
+    ema_decay: float = 0.9999
+    """Weight EMA decay, ramped up as 1 - exp(-updates / ema_ramp) (YOLOv5)."""
+    ema_ramp: float = 2000.0
+    eval_interval: int = 1
+    """Evaluate the EMA weights every this many epochs (and after the last)."""
+    patience: int = 30
+    """Stop when ap_hard has not improved for this many evaluations (0: never)."""
+    seed: int = 0
+    """Seeds model init, data order and augmentation (per rank and worker)."""
+    log_interval: int = 10
+    """Optimizer steps between metric logs (all ranks report memory)."""
+    save_interval: int = 0
+    """Optimizer steps between resumable checkpoints (0: at the end of every epoch only)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept on disk (the newest ones)."""
+    max_nonfinite_steps: int = 10
+    """Consecutive steps with a non-finite loss before the run saves and stops."""
+    channels_last: bool = False
+    """Run convolutions in channels_last memory format."""
+    sync_batchnorm: bool = False
+    """Synchronise BatchNorm statistics across ranks in forward (CUDA only)."""
+    timeout_s: int = 600
+    """Collective timeout: a dead rank fails the job after this long instead of hanging it."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1:
+            raise ConfigError("global_batch", f"{self.global_batch} must be at least 1")
+        if isinstance(self.micro_batch, int) and not 1 <= self.micro_batch <= self.global_batch:
+            raise ConfigError("micro_batch", f"{self.micro_batch} must be between 1 and global_batch ({self.global_batch})")
+        for key in ("eval_interval", "log_interval", "max_nonfinite_steps", "timeout_s", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"{getattr(self, key)} must be at least 1")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"{self.ema_decay} must be in (0, 1)")
+
+
+@dataclass
+class LogConfig:
+    experiment: str = "adyolo"
+    """MLflow experiment name."""
+    tracking_uri: str | None = None
+    """MLflow store. None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
+    run_name: str | None = None
+    num_val_images: int = 4
+    """Validation images drawn with their predictions and logged as artifacts."""

@@ -1,0 +1,56 @@
+"""Helpers that start real training runs (one process, or two through `accelerate launch`) and
+read what they left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).parents[2]
+TRAIN = ROOT / "launch" / "train.py"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+# Augmentation off and AdamW: the loss of a tiny run then falls within a few steps.
+LEARNABLE = [
+    "data.augment.mosaic=0", "data.augment.fliplr=0", "data.augment.scale=0", "data.augment.translate=0",
+    "data.augment.hsv_h=0", "data.augment.hsv_s=0", "data.augment.hsv_v=0",
+    "optim.optimizer=adamw", "optim.lr=0.002", "optim.warmup_epochs=0", "optim.warmup_min_steps=0",
+]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def train_command(out: Path, synthetic: Path, *overrides: str, launcher: str | None = None, processes: int = 2) -> list[str]:
+    args = [str(TRAIN), "--config", str(TINY), f"output_dir={out}", f"data.synthetic_root={synthetic}", *overrides]
+    if launcher is None:
+        return [sys.executable, *args]
+    return [str(ACCELERATE), "launch", "--config_file", str(ROOT / "ds_configs" / f"accelerate_{launcher}.yaml"),
+            "--num_processes", str(processes), "--main_process_port", "0", *args]
+
+
+def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(), cwd=ROOT)
+
+
+def mlflow_run(out: Path):
+    """The single MLflow run in a run directory's default store: (client, run)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def history(client, run, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+

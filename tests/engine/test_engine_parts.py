@@ -1,0 +1,119 @@
+"""Engine pieces in one process: batch split, schedule, parameter groups, EMA, checkpoint files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, split_global_batch
+from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, load_weights, resolve_resume, save_weights
+from adyolo.engine.config import OptimConfig
+from adyolo.engine.ema import ModelEMA
+from adyolo.engine.memory import per_rank_metrics
+from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
+from adyolo.engine.tracking import flatten
+from adyolo.model import build_model
+
+
+def test_global_batch_40_splits():
+    assert str(split_global_batch(40, 4)) == "global batch 40 = micro-batch 10 x 4 ranks x 1 accumulation step"
+    split = split_global_batch(40, 2, micro_batch=5)
+    assert (split.micro_batch, split.accumulation) == (5, 4)
+    assert micro_batch_candidates(40, 4) == [10, 5, 2, 1]
+    with pytest.raises(BatchSplitError, match="train.global_batch=40 does not divide over 3 ranks"):
+        split_global_batch(40, 3)
+    with pytest.raises(BatchSplitError, match=r"train.micro_batch=3 does not divide the 20 images per rank.*\[1, 2, 4, 5, 10, 20\]"):
+        split_global_batch(40, 2, micro_batch=3)
+
+
+def test_parameter_groups_keep_decay_off_batchnorm_and_biases():
+    model = build_model({"size": "n"})
+    opt = build_optimizer(model, OptimConfig(weight_decay=5e-4), global_batch=64)
+    groups = opt.param_groups
+    assert groups[DECAY]["weight_decay"] == pytest.approx(5e-4) and groups[NO_DECAY]["weight_decay"] == 0
+    assert groups[BIAS]["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    bn_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {id(p) for p in groups[NO_DECAY]["params"]} == bn_weights
+    assert all(p.dim() == 1 for p in groups[BIAS]["params"])
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == pytest.approx(0.937)
+
+
+def test_schedule_warms_up_then_decays_per_epoch():
+    cfg = OptimConfig(lr=0.01, final_lr_ratio=0.01, warmup_epochs=1, warmup_min_steps=0)
+    schedule = Schedule(cfg, steps_per_epoch=10, epochs=5)
+    lrs, momentum = schedule.values(0)
+    assert lrs == [0.0, 0.0, pytest.approx(0.1)] and momentum == pytest.approx(0.8)  # biases start high
+    lrs, momentum = schedule.values(5)  # half-way through warm-up
+    assert lrs[DECAY] == pytest.approx(0.005) and lrs[BIAS] == pytest.approx(0.055)  # 0.1 + (0.01 - 0.1) / 2
+    assert momentum == pytest.approx(0.8685)
+    assert schedule.values(10)[0] == [pytest.approx(schedule.epoch_lr(1))] * 3
+    assert schedule.values(19)[0][0] == schedule.values(10)[0][0]  # constant within an epoch
+    assert schedule.epoch_lr(0) == pytest.approx(0.01) and schedule.epoch_lr(4) == pytest.approx(1e-4)
+    assert Schedule(cfg, 10, 100).warmup_steps == 10
+    assert Schedule(OptimConfig(warmup_epochs=1, warmup_min_steps=100), 10, 100).warmup_steps == 100
+
+
+def test_schedule_writes_into_the_optimizer():
+    model = build_model({"size": "n"})
+    opt = build_optimizer(model, OptimConfig(warmup_epochs=1, warmup_min_steps=0), 40)
+    Schedule(OptimConfig(warmup_epochs=1, warmup_min_steps=0), 10, 5).apply(opt, 5)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.005)] * 2 + [pytest.approx(0.055)]
+    assert all(g["momentum"] == pytest.approx(0.8685) for g in opt.param_groups)
+
+
+def test_ema_averages_parameters_and_buffers():
+    torch.manual_seed(0)
+    live = build_model({"size": "n"})
+    ema = ModelEMA(build_model({"size": "n"}), live, decay=0.5, ramp=1e-9)  # decay 0.5 from the first update
+    start = {k: v.clone() for k, v in live.state_dict().items()}
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(1.0)
+        live.backbone.stem.stem_1[1].running_mean.add_(2.0)
+    ema.update(live)
+    averaged = ema.module.state_dict()
+    name = "backbone.stem.stem_1.0.weight"
+    torch.testing.assert_close(averaged[name], start[name] + 0.5)
+    torch.testing.assert_close(averaged["backbone.stem.stem_1.1.running_mean"], start["backbone.stem.stem_1.1.running_mean"] + 1.0)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    restored = ModelEMA(build_model({"size": "n"}), live)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1 and torch.equal(restored.module.state_dict()[name], averaged[name])
+
+
+def test_latest_pointer_and_pruning(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        _point_latest(root, f"step-{step:08d}")
+        _prune(root, keep=2)
+    assert (root / LATEST).read_text().strip() == "step-00000003"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert resolve_resume("latest", tmp_path) == root / "step-00000003"
+    # A folder written after the last pointer update (a save that crashed) is not what "latest" means.
+    (root / "step-00000004").mkdir()
+    assert resolve_resume("latest", tmp_path) == root / "step-00000003"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_resume("latest", tmp_path / "elsewhere")
+
+
+def test_portable_weights_round_trip(tmp_path):
+    model = build_model({"size": "n", "fusion": "efficient"})
+    save_weights(tmp_path / "best.pt", model.state_dict(), {"model": {"size": "n", "fusion": "efficient"}}, epoch=3)
+    loaded, config = load_weights(tmp_path / "best.pt")
+    assert config["model"]["fusion"] == "efficient" and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed into place
+
+
+def test_memory_metrics_per_rank_and_max():
+    gathered = torch.tensor([[1.0, 2.0, 0.5, 1.5], [3.0, 4.0, 1.0, 2.0]])
+    metrics = per_rank_metrics(gathered)
+    assert metrics["memory/rank0/peak_allocated_gib"] == 1.0 and metrics["memory/rank1/reserved_gib"] == 2.0
+    assert metrics["memory/max/peak_allocated_gib"] == 3.0
+
+
+def test_flatten_config():
+    assert flatten({"a": 1, "b": {"c": [1, 2], "d": {"e": None}}}) == {"a": 1, "b.c": [1, 2], "b.d.e": None}
