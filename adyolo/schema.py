@@ -118,6 +118,13 @@ def _coerce(annotation: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected an integer, got {_show(value)}")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads exponent numerals without a dot (5e-4, 1e30) as
+            # strings; accept those, since that is how learning rates and decays are written.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {_show(value)}")
         return float(value)

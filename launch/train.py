@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from adyolo.config import load_run_config
 from adyolo.data.dataset import build_datasets, build_loader
 from adyolo.engine.accelerator import build_accelerator
+from adyolo.engine.autobatch import probe_step
 from adyolo.engine.batching import BatchSplitError
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
 from adyolo.engine.ema import ModelEMA
@@ -53,7 +54,10 @@ def main() -> int:
     args = parse_args()
     try:
         cfg = load_run_config(args.config, args.overrides)
-        accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir)
+        accelerator, split, precision, zero_stage = build_accelerator(
+            cfg.train, cfg.optim, cfg.output_dir,
+            probe=lambda precision, device: probe_step(cfg.model, cfg.loss, cfg.model.img_size, precision, device),
+        )
     except (ConfigError, BatchSplitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

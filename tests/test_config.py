@@ -75,6 +75,14 @@ def test_bad_values_name_file_line_key_and_fix(tmp_path, body, key, line, words)
         assert w in message
 
 
+def test_exponent_numerals_are_numbers():
+    # YAML 1.1 (PyYAML) reads 5e-4 as a string; float fields still take it.
+    cfg = load_run_config(None, ["optim.weight_decay=5e-4", "optim.lr=1e-2"])
+    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 0.01
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        load_run_config(None, ["optim.lr=fast"])
+
+
 def test_bad_override_names_the_override():
     with pytest.raises(ConfigError, match=r"override 'model.fusion=ful': model.fusion: 'ful' \(str\) is not one of 'full', 'efficient'"):
         load_run_config(None, ["model.fusion=ful"])

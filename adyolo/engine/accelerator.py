@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 
-from adyolo.engine.batching import BatchSplit, split_global_batch
+from adyolo.engine.autobatch import largest_fitting
+from adyolo.engine.batching import BatchSplit, micro_batch_candidates, split_global_batch
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.schema import ConfigError
 
@@ -71,13 +73,26 @@ def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path:
     return train.precision
 
 
-def build_accelerator(train: TrainConfig, optim: OptimConfig, output_dir: str | Path) -> tuple[Accelerator, BatchSplit, str, int]:
-    """-> (accelerator, batch split, precision "fp32" | "bf16", ZeRO stage or 0 without DeepSpeed)."""
+def build_accelerator(
+    train: TrainConfig,
+    optim: OptimConfig,
+    output_dir: str | Path,
+    probe: Callable[[str, torch.device], Callable[[int], None]] | None = None,
+) -> tuple[Accelerator, BatchSplit, str, int]:
+    """-> (accelerator, batch split, precision "fp32" | "bf16", ZeRO stage or 0 without DeepSpeed).
+
+    `probe(precision, device)` returns a function that runs one training step at a given
+    micro-batch; it is used for `train.micro_batch: auto` on a GPU."""
     launch = Launch.from_environment()
     fixed_micro = train.micro_batch if isinstance(train.micro_batch, int) else None
     split = split_global_batch(train.global_batch, launch.world_size, fixed_micro)
     ds = read_deepspeed_config(launch.deepspeed_config) if launch.deepspeed_config else None
     precision = resolve_precision(train, ds, launch.deepspeed_config)
+    if train.micro_batch == "auto" and torch.cuda.is_available() and probe is not None:
+        # Before the Accelerator exists: its gradient accumulation is fixed at construction.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        micro = largest_fitting(micro_batch_candidates(train.global_batch, launch.world_size), probe(precision, device))
+        split = split_global_batch(train.global_batch, launch.world_size, micro)
     if ds is not None and ds.gradient_clipping != optim.grad_clip:
         raise ConfigError(
             "optim.grad_clip", f"{optim.grad_clip} but {launch.deepspeed_config} has gradient_clipping="

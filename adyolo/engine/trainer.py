@@ -158,7 +158,7 @@ class Trainer:
             state.nonfinite_in_a_row = 0
         p.ema.update(acc.unwrap_model(p.model))
         state.skipped_images += window.skipped
-        bar.set_postfix_str(window.postfix())
+        bar.set_postfix_str(f"{window.postfix()} | {float(snapshot(acc.device)[0]):.2f} GiB peak")
         if state.step % self.cfg.train.log_interval == 0:
             self._log_step(window)
         if self.cfg.train.save_interval and state.step % self.cfg.train.save_interval == 0:

@@ -31,8 +31,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def train_command(out: Path, synthetic: Path, *overrides: str, launcher: str | None = None, processes: int = 2) -> list[str]:
-    args = [str(TRAIN), "--config", str(TINY), f"output_dir={out}", f"data.synthetic_root={synthetic}", *overrides]
+def train_command(out: Path, synthetic: Path, *overrides: str, launcher: str | None = None, processes: int = 2,
+                  config: Path | None = TINY) -> list[str]:
+    """The command of a run; `config=None` uses train.py's own default (the embedded default)."""
+    args = [str(TRAIN), *(["--config", str(config)] if config else []), f"output_dir={out}",
+            f"data.synthetic_root={synthetic}", *overrides]
     if launcher is None:
         return [sys.executable, *args]
     return [str(ACCELERATE), "launch", "--config_file", str(ROOT / "ds_configs" / f"accelerate_{launcher}.yaml"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, split_global_batch
 from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, load_weights, resolve_resume, save_weights
 from adyolo.engine.config import OptimConfig
@@ -117,3 +118,17 @@ def test_memory_metrics_per_rank_and_max():
 
 def test_flatten_config():
     assert flatten({"a": 1, "b": {"c": [1, 2], "d": {"e": None}}}) == {"a": 1, "b.c": [1, 2], "b.d.e": None}
+
+
+def test_auto_micro_batch_takes_the_largest_that_fits():
+    tried = []
+
+    def fits(micro):
+        tried.append(micro)
+        if micro > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.93 GiB")
+
+    assert largest_fitting(micro_batch_candidates(40, 2), fits) == 4  # then accumulation 5 keeps 40
+    assert tried == [20, 10, 5, 4]
+    with pytest.raises(RuntimeError, match="not even a micro-batch of 1 fits"):
+        largest_fitting([2, 1], lambda m: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))

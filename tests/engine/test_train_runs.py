@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -47,14 +48,16 @@ def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
     assert config["model"]["size"] == "n" and not any(torch.isnan(p).any() for p in model.parameters())
 
 
-def test_resumed_zero2_run_matches_the_uninterrupted_one(synthetic, tmp_path):
+@pytest.mark.parametrize("launcher", [None, "zero2"], ids=["one-process", "zero2"])
+def test_resumed_run_matches_the_uninterrupted_one(launcher, synthetic, tmp_path):
     common = ["epochs=3", "train.precision=bf16", "train.save_interval=3", "train.keep_checkpoints=100", *LEARNABLE]
     whole = tmp_path / "whole"
-    proc = run(train_command(whole, synthetic, *common, launcher="zero2"))
+    proc = run(train_command(whole, synthetic, *common, launcher=launcher))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Step 3 is in the middle of epoch 1 (4 steps per epoch): resume from there in a new folder.
+    # 16 images at a global batch of 4: 4 steps per epoch, whatever the number of ranks. Step 3 is in
+    # the middle of epoch 1: resume from there in a new folder.
     resumed = tmp_path / "resumed"
-    proc = run(train_command(resumed, synthetic, *common, launcher="zero2")
+    proc = run(train_command(resumed, synthetic, *common, launcher=launcher)
                + ["--resume", str(whole / "checkpoints" / "step-00000003")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     client_a, run_a = mlflow_run(whole)
@@ -94,3 +97,28 @@ def test_bad_config_fails_on_every_rank_before_any_work(synthetic, tmp_path):
     assert not (tmp_path / "bad").exists()
     proc = run(train_command(tmp_path / "bad", synthetic, "model.fusoin=full"), timeout=60)
     assert proc.returncode == 2 and "model.fusoin: unknown key; did you mean 'fusion'?" in proc.stderr
+
+
+def test_nonfinite_losses_stop_the_run_with_a_checkpoint(synthetic, tmp_path):
+    out = tmp_path / "nan"
+    # A learning rate this large sends the weights to infinity within a step or two.
+    proc = run(train_command(out, synthetic, "optim.lr=1e30", "optim.warmup_epochs=0", "optim.warmup_min_steps=0",
+                             "optim.optimizer=adamw", "train.max_nonfinite_steps=3"), timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "3 micro-batches in a row had a non-finite loss; checkpoint saved" in proc.stdout
+    assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_a_dying_rank_fails_the_job_instead_of_hanging(synthetic, tmp_path):
+    proc = subprocess.Popen(train_command(tmp_path / "dies", synthetic, "epochs=200", launcher="zero2"),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment(), cwd=ROOT)
+    for line in proc.stderr:  # wait until both ranks train
+        if "epoch 2/200" in line:
+            break
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].kill()
+    start = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 120
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
