@@ -14,6 +14,7 @@ losses (checkpoint saved), 75 stopped by SIGTERM/SIGUSR1 (checkpoint saved; reru
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from adyolo.schema import ConfigError, to_dict
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+# Where a Slurm job ran, for the MLflow run (slurm/train.sh).
+SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
 
 
 def parse_args() -> argparse.Namespace:
@@ -110,7 +113,8 @@ def main() -> int:
         "checkpointed_blocks": ",".join(checkpointed_blocks(accelerator.unwrap_model(model))) or "none",
         **summary,
     })
-    tracker.set_tags({**placement, "distributed_type": accelerator.distributed_type.name})
+    slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}
+    tracker.set_tags({**placement, **slurm, "distributed_type": accelerator.distributed_type.name})
     if accelerator.is_main_process:
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
 
