@@ -101,8 +101,14 @@ class Trainer:
             loader = acc.skip_first_batches(p.train_loader, state.batches_in_epoch)
         p.model.train()
         total = len(p.train_loader)
-        bar = tqdm(total=total, initial=state.batches_in_epoch, desc=f"epoch {state.epoch + 1}/{self.cfg.epochs}",
-                   disable=not acc.is_main_process, dynamic_ncols=True, leave=True)
+        bar = tqdm(
+            total=total,
+            initial=state.batches_in_epoch,
+            desc=f"epoch {state.epoch + 1}/{self.cfg.epochs}",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            leave=True,
+        )
         window = _Window()
         for batch in loader:
             state.batches_in_epoch += 1
@@ -142,13 +148,14 @@ class Trainer:
                 window.stepped = True  # DeepSpeed stepped inside backward; otherwise step now
                 if not self._deepspeed:
                     norm = acc.clip_grad_norm_(p.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
-                    if torch.isfinite(norm):
+                    if torch.isfinite(norm):  # never step into NaN weights
                         p.optimizer.step()
-                    else:  # a finite loss can still overflow in backward: never step into NaN weights
-                        window.stepped = False
+                    p.optimizer.zero_grad(set_to_none=True)
+                    if not torch.isfinite(norm):  # a finite loss can still overflow in backward
+                        window.stepped = False  # the norm is the same on every rank: all skip
                         window.nonfinite = True
                         self.p.state.nonfinite_steps += 1
-                    p.optimizer.zero_grad(set_to_none=True)
+                        self._check_nonfinite()
         window.add(losses, len(images), int(batch["skipped"]))
 
     def _after_optimizer_step(self, window: _Window, bar) -> None:
@@ -165,8 +172,10 @@ class Trainer:
             save_resumable(acc, self.output_dir, state.step, self.cfg.train.keep_checkpoints)
         if self._any_rank_signalled():
             save_resumable(acc, self.output_dir, state.step, self.cfg.train.keep_checkpoints)
-            raise StopTraining(EXIT_STOPPED_BY_SIGNAL, f"stopped by signal at step {state.step}; checkpoint saved, "
-                                                       f"continue with --resume")
+            raise StopTraining(
+                EXIT_STOPPED_BY_SIGNAL,
+                f"stopped by signal at step {state.step}; checkpoint saved, continue with --resume",
+            )
 
     def _log_step(self, window: _Window) -> None:
         """Every rank reports its memory (a collective); the main process logs one series per rank."""
@@ -174,13 +183,15 @@ class Trainer:
         gathered = acc.gather(snapshot(acc.device).to(acc.device)[None]).cpu()
         reset_peaks(acc.device)
         metrics = {f"train/loss_{k}": v for k, v in window.mean_losses().items()}
-        metrics.update({
-            "train/lr": window.lr,
-            "train/images_per_s": window.images_per_s() * acc.num_processes,
-            "train/skipped_images": state.skipped_images,
-            "train/nonfinite_steps": state.nonfinite_steps,
-            "train/epoch": state.epoch + state.batches_in_epoch / len(self.p.train_loader),
-        })
+        metrics.update(
+            {
+                "train/lr": window.lr,
+                "train/images_per_s": window.images_per_s() * acc.num_processes,
+                "train/skipped_images": state.skipped_images,
+                "train/nonfinite_steps": state.nonfinite_steps,
+                "train/epoch": state.epoch + state.batches_in_epoch / len(self.p.train_loader),
+            }
+        )
         metrics.update(per_rank_metrics(gathered))
         self.p.tracker.log_metrics(metrics, step=state.step)
 
@@ -221,8 +232,14 @@ class Trainer:
 
     def _save_weights(self, name: str) -> None:
         if self.acc.is_main_process:
-            save_weights(self.output_dir / name, self.p.ema.module.state_dict(), self.config_dict,
-                         epoch=self.p.state.epoch, step=self.p.state.step, best_fitness=self.p.state.best_fitness)
+            save_weights(
+                self.output_dir / name,
+                self.p.ema.module.state_dict(),
+                self.config_dict,
+                epoch=self.p.state.epoch,
+                step=self.p.state.step,
+                best_fitness=self.p.state.best_fitness,
+            )
 
     def _log_pictures(self, gathered, curves) -> None:
         pictures = self.output_dir / "pictures"
@@ -241,8 +258,11 @@ class Trainer:
         state.nonfinite_in_a_row += 1
         if state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
             save_resumable(self.acc, self.output_dir, state.step, self.cfg.train.keep_checkpoints)
-            raise StopTraining(EXIT_NONFINITE, f"{state.nonfinite_in_a_row} micro-batches in a row had a non-finite loss; "
-                                               f"checkpoint saved. Lower optim.lr or check the data, then --resume")
+            raise StopTraining(
+                EXIT_NONFINITE,
+                f"{state.nonfinite_in_a_row} micro-batches in a row had a non-finite loss; "
+                f"checkpoint saved. Lower optim.lr or check the data, then --resume",
+            )
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
