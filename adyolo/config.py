@@ -110,7 +110,9 @@ def _read_mapping(path: Path, prefix: str = "") -> tuple[dict[str, Any], dict[st
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix or "config", f"expected a mapping of keys to values, got {type(data).__name__}", location=str(path))
+        raise ConfigError(
+            prefix or "config", f"expected a mapping of keys to values, got {type(data).__name__}", location=str(path)
+        )
     where: dict[str, str] = {}
     _record_lines(root, prefix, str(path), where)
     return data, where
@@ -128,7 +130,11 @@ def _record_lines(node: yaml.Node, prefix: str, filename: str, where: dict[str, 
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-        raise ConfigError(key or item, "an override must look like section.key=value, e.g. model.size=n", location=f"override '{item}'")
+        raise ConfigError(
+            key or item,
+            "an override must look like section.key=value, e.g. model.size=n",
+            location=f"override '{item}'",
+        )
     try:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError as err:
@@ -141,6 +147,10 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(".".join(parents[: i + 1]), f"is {child!r}, not a section; cannot set {key}", location=f"override '{item}'")
+            raise ConfigError(
+                ".".join(parents[: i + 1]),
+                f"is {child!r}, not a section; cannot set {key}",
+                location=f"override '{item}'",
+            )
         node = child
     node[leaf] = value

@@ -22,8 +22,15 @@ def draw_detections(image: np.ndarray, detections: np.ndarray, truth_xywh: np.nd
     for det in detections:
         x1, y1, x2, y2, score = det[:5]
         cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), (0, 200, 0), thickness)
-        cv2.putText(canvas, f"{score:.2f}", (int(x1), max(10, int(y1) - 3)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.35 * thickness, (0, 200, 0), thickness)
+        cv2.putText(
+            canvas,
+            f"{score:.2f}",
+            (int(x1), max(10, int(y1) - 3)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.35 * thickness,
+            (0, 200, 0),
+            thickness,
+        )
         for colour, (px, py) in zip(POINT_COLOURS, det[5:15].reshape(5, 2)):
             cv2.circle(canvas, (int(px), int(py)), thickness + 1, colour, -1)
     return canvas

@@ -9,8 +9,9 @@ train mode on random images (median over the timed steps, after warm-up; CUDA-sy
 records peak memory: `torch.cuda.max_memory_allocated` / `max_memory_reserved` on GPU, peak
 process RSS on CPU. Each pair runs in a fresh subprocess, so an out-of-memory error is a result
 ("OOM"), not a crash, and one row's allocations cannot leak into the next. Ratios are against the
-first row that ran (memory: peak allocated on GPU, RSS growth during the steps on CPU). The objective is the mean square of the head outputs: this measures the
-network, not the detection loss or the optimizer.
+first row that ran (memory: peak allocated on GPU, RSS growth during the steps on CPU). The
+objective is the mean square of the head outputs: this measures the network, not the detection
+loss or the optimizer.
 
 With --loader it measures the training data loader instead: images/s per worker count, with the
 full training augmentation (mosaic, affine, HSV, flip), on the synthetic default or --data.
@@ -109,9 +110,7 @@ def _peak_rss_bytes() -> int:
 
 def run_row(row: dict) -> dict:
     """`measure` in a fresh interpreter; a killed process is reported, not raised."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--measure", json.dumps(row)], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(row)], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -225,7 +224,11 @@ def main() -> None:
         "warmup": args.warmup,
         "steps": args.steps,
     }
-    device_name = torch.cuda.get_device_name(args.device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(args.device)
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     if cuda and args.memory_budget_gib:
         device_name += f" limited to {args.memory_budget_gib:g} GiB"
     rows = []

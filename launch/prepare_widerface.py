@@ -38,10 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output dataset folder")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to convert")
     parser.add_argument("--copy", action="store_true", help="copy the images instead of symlinking them")
-    parser.add_argument("--gt-mat", type=Path, metavar="DIR",
-                        help="eval_tools ground_truth/ folder; its .mat files are copied to OUT/val/ground_truth/")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="processes reading image sizes (default: min(8, CPU count))")
+    parser.add_argument(
+        "--gt-mat",
+        type=Path,
+        metavar="DIR",
+        help="eval_tools ground_truth/ folder; its .mat files are copied to OUT/val/ground_truth/",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="processes reading image sizes (default: min(8, CPU count))",
+    )
     args = parser.parse_args(argv)
     validate_args(parser, args)
     return args

@@ -38,7 +38,6 @@ from adyolo.model.checkpoint import checkpointed_blocks
 from adyolo.model.summary import count_gflops, count_parameters, describe
 from adyolo.schema import ConfigError, to_dict
 
-
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 # Where a Slurm job ran, for the MLflow run (slurm/train.sh).
 SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
@@ -46,8 +45,11 @@ SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTA
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="run YAML (default: the embedded synthetic default, launch/configs/default.yaml)")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="run YAML (default: the embedded synthetic default, launch/configs/default.yaml)",
+    )
     parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 model.size=n")
     return parser.parse_args()
@@ -58,7 +60,9 @@ def main() -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         accelerator, split, precision, zero_stage = build_accelerator(
-            cfg.train, cfg.optim, cfg.output_dir,
+            cfg.train,
+            cfg.optim,
+            cfg.output_dir,
             probe=lambda precision, device: probe_step(cfg.model, cfg.loss, cfg.model.img_size, precision, device),
         )
     except (ConfigError, BatchSplitError) as err:
@@ -69,8 +73,10 @@ def main() -> int:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         print(yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None), end="")
-    accelerator.print(f"{split}; precision {precision}; "
-                      f"{'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else accelerator.distributed_type.name}")
+    accelerator.print(
+        f"{split}; precision {precision}; "
+        f"{'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else accelerator.distributed_type.name}"
+    )
 
     # Data: the main process generates the synthetic default (if needed) before the others read it.
     with accelerator.main_process_first():
@@ -93,8 +99,13 @@ def main() -> int:
     set_seed(cfg.train.seed, device_specific=True)  # per-rank streams for stochastic depth
 
     gather = {"gather": _zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
-    ema = ModelEMA(build_model(cfg.model).to(accelerator.device), accelerator.unwrap_model(model),
-                   cfg.train.ema_decay, cfg.train.ema_ramp, **gather)
+    ema = ModelEMA(
+        build_model(cfg.model).to(accelerator.device),
+        accelerator.unwrap_model(model),
+        cfg.train.ema_decay,
+        cfg.train.ema_ramp,
+        **gather,
+    )
     state = TrainingState()
     accelerator.register_for_checkpointing(state, ema)
     if args.resume:
@@ -103,23 +114,44 @@ def main() -> int:
         accelerator.print(f"resumed from {folder}: epoch {state.epoch + 1}, step {state.step}")
 
     placement = rank_placement(accelerator)
-    tracker = Tracker(accelerator.is_main_process, tracking_uri(cfg.log.tracking_uri, cfg.output_dir),
-                      cfg.log.experiment, cfg.output_dir, cfg.log.run_name, state.mlflow_run_id)
+    tracker = Tracker(
+        accelerator.is_main_process,
+        tracking_uri(cfg.log.tracking_uri, cfg.output_dir),
+        cfg.log.experiment,
+        cfg.output_dir,
+        cfg.log.run_name,
+        state.mlflow_run_id,
+    )
     state.mlflow_run_id = tracker.run_id
-    tracker.log_params({
-        **flatten(config_dict),
-        "world_size": split.world_size, "zero_stage": zero_stage, "micro_batch": split.micro_batch,
-        "accumulation": split.accumulation, "precision_resolved": precision,
-        "checkpointed_blocks": ",".join(checkpointed_blocks(accelerator.unwrap_model(model))) or "none",
-        **summary,
-    })
+    tracker.log_params(
+        {
+            **flatten(config_dict),
+            "world_size": split.world_size,
+            "zero_stage": zero_stage,
+            "micro_batch": split.micro_batch,
+            "accumulation": split.accumulation,
+            "precision_resolved": precision,
+            "checkpointed_blocks": ",".join(checkpointed_blocks(accelerator.unwrap_model(model))) or "none",
+            **summary,
+        }
+    )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}
     tracker.set_tags({**placement, **slurm, "distributed_type": accelerator.distributed_type.name})
     if accelerator.is_main_process:
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
 
-    parts = TrainerParts(accelerator, model, optimizer, loss_fn, train_loader, val_loader, ema,
-                         Schedule(cfg.optim, len(train_loader) // split.accumulation, cfg.epochs), state, tracker)
+    parts = TrainerParts(
+        accelerator,
+        model,
+        optimizer,
+        loss_fn,
+        train_loader,
+        val_loader,
+        ema,
+        Schedule(cfg.optim, len(train_loader) // split.accumulation, cfg.epochs),
+        state,
+        tracker,
+    )
     code = Trainer(parts, cfg, precision, config_dict).fit()
     accelerator.end_training()
     return code

@@ -23,11 +23,15 @@ def test_defaults_without_a_file():
 
 
 def test_run_file_and_overrides(tmp_path):
-    path = write(tmp_path, "run.yaml", """
+    path = write(
+        tmp_path,
+        "run.yaml",
+        """
         model:
           size: n
           fusion: efficient
-    """)
+    """,
+    )
     cfg = load_run_config(path, ["model.img_size=320", "model.checkpoint=[neck.low_fusion]"])
     assert (cfg.model.size, cfg.model.fusion, cfg.model.img_size) == ("n", "efficient", 320)
     assert cfg.model.checkpoint == ["neck.low_fusion"]
@@ -58,7 +62,12 @@ def test_shipped_model_configs_load():
         ("model:\n  size: 5\n", "model.size", 2, ["5 (int)", "'n', 's', 'm'"]),
         ("model:\n  img_size: 650\n", "model.img_size", 2, ["multiple of 32", "use 640 or 672"]),
         ("model:\n  img_size: '640'\n", "model.img_size", 2, ["expected an integer", "'640' (str)"]),
-        ("model:\n  checkpoint: [neck.lowfusion]\n", "model.checkpoint", 2, ["unknown block 'neck.lowfusion'", "neck.low_fusion"]),
+        (
+            "model:\n  checkpoint: [neck.lowfusion]\n",
+            "model.checkpoint",
+            2,
+            ["unknown block 'neck.lowfusion'", "neck.low_fusion"],
+        ),
         ("model:\n  anchors: [[1, 2, 3]]\n", "model.anchors", 2, ["4 lists of 6 numbers"]),
         ("model:\n  attention_heads: 3\n", "model.attention_heads", 2, ["does not divide the 128"]),
         ("modle:\n  size: s\n", "modle", 1, ["unknown key", "did you mean 'model'"]),
@@ -84,7 +93,9 @@ def test_exponent_numerals_are_numbers():
 
 
 def test_bad_override_names_the_override():
-    with pytest.raises(ConfigError, match=r"override 'model.fusion=ful': model.fusion: 'ful' \(str\) is not one of 'full', 'efficient'"):
+    with pytest.raises(
+        ConfigError, match=r"override 'model.fusion=ful': model.fusion: 'ful' \(str\) is not one of 'full', 'efficient'"
+    ):
         load_run_config(None, ["model.fusion=ful"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_run_config(None, ["model.size"])

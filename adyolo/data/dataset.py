@@ -29,8 +29,8 @@ from adyolo.data.labels import LabelError, label_path_for, read_label_file
 from adyolo.data.synthetic import ensure_synthetic_dataset
 from adyolo.data.transforms import (
     AugmentConfig,
-    hsv_jitter,
     horizontal_flip,
+    hsv_jitter,
     letterbox,
     mosaic,
     random_affine,
@@ -161,7 +161,9 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(0)
 
 
-def build_loader(dataset: FaceDataset, batch_size: int, shuffle: bool, workers: int, seed: int, drop_last: bool = False) -> torch.utils.data.DataLoader:
+def build_loader(
+    dataset: FaceDataset, batch_size: int, shuffle: bool, workers: int, seed: int, drop_last: bool = False
+) -> torch.utils.data.DataLoader:
     """A DataLoader over `dataset`; sharding across ranks is left to the engine."""
     return torch.utils.data.DataLoader(
         dataset,
@@ -174,8 +176,6 @@ def build_loader(dataset: FaceDataset, batch_size: int, shuffle: bool, workers: 
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_worker_init if workers else None,
     )
-
-
 
 
 def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDataset, FaceDataset]:

@@ -79,4 +79,6 @@ class Faces:
         centre = (self.boxes[:, :2] + self.boxes[:, 2:]) / 2
         size = self.boxes[:, 2:] - self.boxes[:, :2]
         points = np.nan_to_num(self.points.reshape(-1, 2 * NUM_POINTS), nan=MISSING)
-        return np.concatenate([self.classes[:, None].astype(np.float32), centre, size, points], axis=1).astype(np.float32)
+        return np.concatenate([self.classes[:, None].astype(np.float32), centre, size, points], axis=1).astype(
+            np.float32
+        )

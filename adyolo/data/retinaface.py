@@ -104,15 +104,21 @@ def parse_retinaface_labels(path: str | Path) -> list[tuple[str, np.ndarray]]:
             relative = _parse_image_line(text, path, number)
             if relative in first_line_of:
                 raise _error(
-                    path, number, f"image {relative!r} is listed again (first at line {first_line_of[relative]})",
+                    path,
+                    number,
+                    f"image {relative!r} is listed again (first at line {first_line_of[relative]})",
                     "list each image once, with all its faces under one '#' line",
                 )
             first_line_of[relative] = number
             images.append((relative, []))
             continue
         if not images:
-            raise _error(path, number, "a face line before any '# <event>/<name>.jpg' line",
-                         "start the file with the '#' line of the image the faces belong to")
+            raise _error(
+                path,
+                number,
+                "a face line before any '# <event>/<name>.jpg' line",
+                "start the file with the '#' line of the image the faces belong to",
+            )
         images[-1][1].append(_parse_face_line(text, path, number))
     return [(relative, np.array(faces, np.float64).reshape(-1, FACE_COLUMNS)) for relative, faces in images]
 
@@ -134,9 +140,11 @@ def _parse_face_line(text: str, path: Path, number: int) -> list[float]:
     fix = "fix or delete the line; missing landmarks are written '-1.0 -1.0 -1.0'"
     if len(fields) not in (BOX_ONLY_VALUES, FULL_VALUES):
         raise _error(
-            path, number,
+            path,
+            number,
             f"{len(fields)} values in a face line, expected {BOX_ONLY_VALUES} (x y w h) or {FULL_VALUES} "
-            f"(x y w h, 5 landmarks as 'x y flag', score)", fix,
+            f"(x y w h, 5 landmarks as 'x y flag', score)",
+            fix,
         )
     try:
         values = [float(f) for f in fields]
@@ -243,8 +251,9 @@ def convert_split(
         out_image = out_split_dir / IMAGES_DIR_NAME / relative
         out_label = label_path_for(out_image)
         if size is None:
-            warnings.warn(f"{source_image}: missing or not a readable image; skipped", UnreadableImageWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"{source_image}: missing or not a readable image; skipped", UnreadableImageWarning, stacklevel=2
+            )
             out_image.unlink(missing_ok=True)
             out_label.unlink(missing_ok=True)
             summary.images_skipped += 1

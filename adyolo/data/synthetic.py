@@ -136,7 +136,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     a, b = rng.uniform(0, 255, (2, 3))
     t = np.linspace(0, 1, width if rng.random() < 0.5 else height, dtype=np.float32)
     ramp = a + (b - a) * t[:, None]
-    image = np.broadcast_to(ramp[None] if len(t) == width else ramp[:, None], (height, width, 3)).astype(np.uint8).copy()
+    image = (
+        np.broadcast_to(ramp[None] if len(t) == width else ramp[:, None], (height, width, 3)).astype(np.uint8).copy()
+    )
     for _ in range(int(rng.integers(4, 14))):
         colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
         x, y = int(rng.uniform(0, width)), int(rng.uniform(0, height))
@@ -159,9 +161,10 @@ def _draw_face(image, rng, centre, face_w, face_h, angle, box) -> Faces:
     skin = tuple(float(c) for c in np.clip(skin, 0, 255))
     dark = tuple(float(c) for c in np.array(skin) * 0.25)
     # Landmarks in the face's own frame (fractions of width / height from the centre).
-    local = np.array(
-        [[-0.2, -0.1], [0.2, -0.1], [0.0, 0.1], [-0.17, 0.27], [0.17, 0.27]], np.float64
-    ) * [face_w, face_h]
+    local = np.array([[-0.2, -0.1], [0.2, -0.1], [0.0, 0.1], [-0.17, 0.27], [0.17, 0.27]], np.float64) * [
+        face_w,
+        face_h,
+    ]
     local[:, 0] += rng.uniform(-0.03, 0.03) * face_w  # slight asymmetry
     theta = math.radians(angle)
     rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
@@ -172,7 +175,18 @@ def _draw_face(image, rng, centre, face_w, face_h, angle, box) -> Faces:
 
     # Hair as a darker, slightly larger ellipse behind the top of the face.
     hair = tuple(float(c) for c in rng.uniform(10, 90, 3))
-    cv2.ellipse(image, pt(centre - rotation @ [0, 0.08 * face_h]), (int(face_w * 8.6), int(face_h * 8.4)), angle, 180, 360, hair, -1, cv2.LINE_AA, 4)
+    cv2.ellipse(
+        image,
+        pt(centre - rotation @ [0, 0.08 * face_h]),
+        (int(face_w * 8.6), int(face_h * 8.4)),
+        angle,
+        180,
+        360,
+        hair,
+        -1,
+        cv2.LINE_AA,
+        4,
+    )
     cv2.ellipse(image, pt(centre), (int(face_w * 8), int(face_h * 8)), angle, 0, 360, skin, -1, cv2.LINE_AA, 4)
     eye = max(1, int(face_w * 0.07 * 16))
     for p in points[:2]:

@@ -48,8 +48,10 @@ def read_deepspeed_config(path: Path) -> DeepSpeedSettings:
     autocast = ds.get("torch_autocast", {})
     if ds.get("bf16", {}).get("enabled") not in (None, False) or ds.get("fp16", {}).get("enabled") not in (None, False):
         raise ConfigError(
-            "bf16.enabled", "casts the weights but not the BatchNorm buffers, which breaks BatchNorm; "
-            'use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead', location=str(path)
+            "bf16.enabled",
+            "casts the weights but not the BatchNorm buffers, which breaks BatchNorm; "
+            'use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead',
+            location=str(path),
         )
     return DeepSpeedSettings(
         stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
@@ -59,12 +61,13 @@ def read_deepspeed_config(path: Path) -> DeepSpeedSettings:
 
 
 def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path: Path | None) -> str:
-    """"auto": bf16 on CUDA, fp32 on CPU, or what the DeepSpeed JSON says; explicit values must agree with it."""
+    """ "auto": bf16 on CUDA, fp32 on CPU, or what the DeepSpeed JSON says; explicit values must agree with it."""
     if ds is not None:
         json_precision = "bf16" if ds.bf16_autocast else "fp32"
         if train.precision not in ("auto", json_precision):
             raise ConfigError(
-                "train.precision", f"{train.precision} but {ds_path} sets {json_precision} (torch_autocast); "
+                "train.precision",
+                f"{train.precision} but {ds_path} sets {json_precision} (torch_autocast); "
                 f"make them agree, or set train.precision=auto",
             )
         return json_precision
@@ -95,7 +98,8 @@ def build_accelerator(
         split = split_global_batch(train.global_batch, launch.world_size, micro)
     if ds is not None and ds.gradient_clipping != optim.grad_clip:
         raise ConfigError(
-            "optim.grad_clip", f"{optim.grad_clip} but {launch.deepspeed_config} has gradient_clipping="
+            "optim.grad_clip",
+            f"{optim.grad_clip} but {launch.deepspeed_config} has gradient_clipping="
             f"{ds.gradient_clipping}; under DeepSpeed the JSON clips, so make them equal",
         )
     return _accelerator(train, split, precision, ds is not None, output_dir), split, precision, ds.stage if ds else 0
@@ -118,7 +122,9 @@ def _accelerator(train: TrainConfig, split: BatchSplit, precision: str, deepspee
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
     )
-    if accelerator.num_processes != split.world_size or (split.world_size > 1 and accelerator.distributed_type.name == "NO"):
+    if accelerator.num_processes != split.world_size or (
+        split.world_size > 1 and accelerator.distributed_type.name == "NO"
+    ):
         raise RuntimeError(
             f"the launcher started {split.world_size} processes but accelerate runs {accelerator.num_processes} "
             f"({accelerator.distributed_type.name}): the ranks would not share gradients"

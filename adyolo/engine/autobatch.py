@@ -27,12 +27,15 @@ def largest_fitting(candidates: Sequence[int], fits: Callable[[int], None]) -> i
         except torch.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
-    raise RuntimeError(f"not even a micro-batch of {candidates[-1]} fits this GPU; lower model.img_size or model.size, "
-                       f"or enable model.checkpoint=[all]")
+    raise RuntimeError(
+        f"not even a micro-batch of {candidates[-1]} fits this GPU; lower model.img_size or model.size, "
+        f"or enable model.checkpoint=[all]"
+    )
 
 
 def probe_step(model_cfg, loss_cfg, img_size: int, precision: str, device: torch.device) -> Callable[[int], None]:
     """A function that runs one training step of `model_cfg` at a given micro-batch on `device`."""
+
     def fits(micro: int) -> None:
         torch.cuda.set_per_process_memory_fraction(HEADROOM, device)
         try:

@@ -80,7 +80,9 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     if resume == LATEST:
         pointer = checkpoint_root(output_dir) / LATEST
         if not pointer.is_file():
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {pointer.parent} (no '{LATEST}' file); start without --resume")
+            raise FileNotFoundError(
+                f"--resume latest: no checkpoint in {pointer.parent} (no '{LATEST}' file); start without --resume"
+            )
         folder = pointer.parent / pointer.read_text().strip()
     else:
         folder = Path(resume)

@@ -79,7 +79,9 @@ class TrainConfig:
         if self.global_batch < 1:
             raise ConfigError("global_batch", f"{self.global_batch} must be at least 1")
         if isinstance(self.micro_batch, int) and not 1 <= self.micro_batch <= self.global_batch:
-            raise ConfigError("micro_batch", f"{self.micro_batch} must be between 1 and global_batch ({self.global_batch})")
+            raise ConfigError(
+                "micro_batch", f"{self.micro_batch} must be between 1 and global_batch ({self.global_batch})"
+            )
         for key in ("eval_interval", "log_interval", "max_nonfinite_steps", "timeout_s", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"{getattr(self, key)} must be at least 1")

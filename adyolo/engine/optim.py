@@ -55,7 +55,9 @@ class Schedule:
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
-        self.warmup_steps = max(round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_min_steps) if cfg.warmup_epochs else 0
+        self.warmup_steps = (
+            max(round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_min_steps) if cfg.warmup_epochs else 0
+        )
 
     def epoch_lr(self, epoch: int) -> float:
         cfg, progress = self.cfg, epoch / max(self.epochs - 1, 1)

@@ -48,8 +48,15 @@ def _run_exists(run_id: str) -> bool:
 class Tracker:
     """Thin wrapper so the loop never asks who may write: every call is a no-op off the main process."""
 
-    def __init__(self, enabled: bool, uri: str, experiment: str, output_dir: str | Path,
-                 run_name: str | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        enabled: bool,
+        uri: str,
+        experiment: str,
+        output_dir: str | Path,
+        run_name: str | None = None,
+        run_id: str | None = None,
+    ):
         self.enabled = enabled
         self.run_id = run_id
         if not enabled:

@@ -34,8 +34,7 @@ def coco_map50(
     unknown = [image_id for image_id in predictions if image_id not in ground_truth]
     if unknown:
         raise ValueError(
-            f"prediction for image {unknown[0]!r} which is not in the ground truth "
-            f"({len(unknown)} unknown image id(s))"
+            f"prediction for image {unknown[0]!r} which is not in the ground truth ({len(unknown)} unknown image id(s))"
         )
     image_numbers = {image_id: number for number, image_id in enumerate(ground_truth, start=1)}
     annotations = _gt_annotations(ground_truth, image_numbers)

@@ -127,13 +127,11 @@ def widerface_evaluate(
     unknown = [image_id for image_id in predictions if image_id not in ground_truth]
     if unknown:
         raise ValueError(
-            f"prediction for image {unknown[0]!r} which is not in the ground truth "
-            f"({len(unknown)} unknown image id(s))"
+            f"prediction for image {unknown[0]!r} which is not in the ground truth ({len(unknown)} unknown image id(s))"
         )
     thresholds = score_thresholds(num_thresholds)
     sorted_predictions = {
-        image_id: _sorted_by_score(_check_predictions(image_id, predictions.get(image_id)))
-        for image_id in ground_truth
+        image_id: _sorted_by_score(_check_predictions(image_id, predictions.get(image_id))) for image_id in ground_truth
     }
     score_min, score_range = _score_normalisation(sorted_predictions.values())
 
@@ -152,8 +150,7 @@ def widerface_evaluate(
             _accumulate(matches.num_passing, pred_recall, proposal, proposals[setting], recalled[setting])
 
     return {
-        setting: _curve(proposals[setting], recalled[setting], num_faces[setting], thresholds)
-        for setting in settings
+        setting: _curve(proposals[setting], recalled[setting], num_faces[setting], thresholds) for setting in settings
     }
 
 
@@ -199,9 +196,7 @@ def _match_image(
     return _ImageMatches(best_gt=best_gt, best_iou=best_iou, num_passing=num_passing)
 
 
-def _walk_predictions(
-    matches: _ImageMatches, keep: np.ndarray, iou_threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _walk_predictions(matches: _ImageMatches, keep: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The official sequential walk over predictions (descending score), vectorised.
 
     Returns pred_recall [M] (int: faces of `keep` [N] recalled by predictions 0..i) and
@@ -239,9 +234,7 @@ def _accumulate(
 
 def _curve(proposals: np.ndarray, recalled: np.ndarray, num_faces: int, thresholds: np.ndarray) -> PRCurve:
     """Dataset-level counts [T] -> precision, recall and AP (0/0 precision is 0, see module doc)."""
-    precision = np.divide(
-        recalled, proposals, out=np.zeros(len(proposals), dtype=np.float64), where=proposals > 0
-    )
+    precision = np.divide(recalled, proposals, out=np.zeros(len(proposals), dtype=np.float64), where=proposals > 0)
     if num_faces == 0:
         return PRCurve(precision, np.zeros(len(proposals)), thresholds, float("nan"))
     recall = recalled / num_faces

@@ -31,8 +31,11 @@ class DetectionLoss:
         cfg = self.cfg
         device = raw[0].device
         levels = assign(
-            targets.float(), self.anchors_px.to(device), self.strides.to(device),
-            [(p.shape[2], p.shape[3]) for p in raw], cfg.anchor_t,
+            targets.float(),
+            self.anchors_px.to(device),
+            self.strides.to(device),
+            [(p.shape[2], p.shape[3]) for p in raw],
+            cfg.anchor_t,
         )
         zero = torch.zeros((), device=device)
         box, obj, cls, landmark = zero, zero, zero, zero

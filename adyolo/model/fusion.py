@@ -63,7 +63,9 @@ class ChannelSpatialFusion(nn.Module):
 class GoldTransformerFusion(nn.Module):
     """[B] full: x + Attn(x), then x + MLP(x) (1x1+BN, DW 3x3, ReLU6, 1x1+BN), with stochastic depth."""
 
-    def __init__(self, channels: int, implementation: AttentionImpl, drop_path_rate: float, num_heads: int = 4, key_dim: int = 16):
+    def __init__(
+        self, channels: int, implementation: AttentionImpl, drop_path_rate: float, num_heads: int = 4, key_dim: int = 16
+    ):
         super().__init__()
         self.drop_path_rate = drop_path_rate
         self.attention = GoldAttention(channels, num_heads, key_dim, implementation)
@@ -108,13 +110,17 @@ class DepthwiseGatedFusion(nn.Module):
         return self.out_norm(x + drop_path(y, self.drop_path_rate, self.training))
 
 
-def build_low_fusion(fusion: str, channels: int, num_blocks: int, num_heads: int, attention: AttentionImpl) -> nn.Sequential:
+def build_low_fusion(
+    fusion: str, channels: int, num_blocks: int, num_heads: int, attention: AttentionImpl
+) -> nn.Sequential:
     if fusion == "full":
         return nn.Sequential(*(SelfAttentionFusion(channels, num_heads, attention) for _ in range(num_blocks)))
     return nn.Sequential(*(ChannelSpatialFusion(channels) for _ in range(num_blocks)))
 
 
-def build_high_fusion(fusion: str, channels: int, num_blocks: int, attention: AttentionImpl, drop_path_rate: float) -> nn.Sequential:
+def build_high_fusion(
+    fusion: str, channels: int, num_blocks: int, attention: AttentionImpl, drop_path_rate: float
+) -> nn.Sequential:
     # Stochastic depth rises linearly from 0 at the first block to `drop_path_rate` at the last.
     rates = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
     if fusion == "full":

@@ -30,7 +30,9 @@ def pool_to(x: torch.Tensor, size: Size) -> torch.Tensor:
 
 
 def upsample_to(x: torch.Tensor, size: Size) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return (
+        x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    )
 
 
 def resize_to(x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -114,7 +116,9 @@ class TopDownLevel(nn.Module):
         self.inject = Inject(c_out, c_out, c_out)
         self.refine = C3(c_out, c_out, repeats, shortcut=False)
 
-    def forward(self, finer: torch.Tensor | None, level: torch.Tensor, coarser_half: torch.Tensor, global_info: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, finer: torch.Tensor | None, level: torch.Tensor, coarser_half: torch.Tensor, global_info: torch.Tensor
+    ) -> torch.Tensor:
         size = level.shape[-2:]
         parts = [self.lateral(level), upsample_to(coarser_half, size)]
         if finer is not None:
@@ -151,7 +155,9 @@ class GDNeck(nn.Module):
 
         # Low-GD: gather at stride 8 (or 16), fuse [A], distribute top-down.
         self.low_gather = LowGather(c2 + c3 + c4 + c5, low_embed, align_index=1 if cfg.low_stride == 8 else 2)
-        self.low_fusion = build_low_fusion(cfg.fusion, low_embed, cfg.low_fusion_blocks, cfg.attention_heads, cfg.attention)
+        self.low_fusion = build_low_fusion(
+            cfg.fusion, low_embed, cfg.low_fusion_blocks, cfg.attention_heads, cfg.attention
+        )
         self.low_distribute = Distribute(low_embed, (c4, c3, c2))
         self.reduce_c5 = ConvBN(c5, c5 // 2, 1)
         self.inject_p4 = TopDownLevel(c3, c4, c5 // 2, c4, repeats)
@@ -162,13 +168,17 @@ class GDNeck(nn.Module):
 
         # High-GD: gather at stride 64, fuse [B], distribute bottom-up.
         self.high_gather = HighGather(c2 + c3 + c4 + c5, high_embed, cfg.high_stride)
-        self.high_fusion = build_high_fusion(cfg.fusion, high_embed, cfg.high_fusion_blocks, cfg.attention, cfg.drop_path)
+        self.high_fusion = build_high_fusion(
+            cfg.fusion, high_embed, cfg.high_fusion_blocks, cfg.attention, cfg.drop_path
+        )
         self.high_distribute = Distribute(high_embed, (c3, c4, c5))
         self.inject_n3 = BottomUpLevel(c2, c3 // 2, c3, repeats)
         self.inject_n4 = BottomUpLevel(c3, c4 // 2, c4, repeats)
         self.inject_n5 = BottomUpLevel(c4, c5 // 2, c5, repeats)
 
-    def forward(self, c2: torch.Tensor, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, c2: torch.Tensor, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         low = run_block(self.low_gather, c2, c3, c4, c5)
         low = run_block(self.low_fusion, low)
         g4, g3, g2 = run_block(self.low_distribute, low)

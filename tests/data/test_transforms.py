@@ -46,7 +46,9 @@ def test_letterbox_keeps_alignment_and_reports_the_mapping():
     assert out.shape == (320, 320, 3)
     assert ratio == pytest.approx(320 / 200) and pad_x == 0 and pad_y == pytest.approx((320 - 240) / 2, abs=1)
     assert_landmarks_on_colours(out, moved)
-    np.testing.assert_allclose((moved.boxes.reshape(-1, 2) - [pad_x, pad_y]) / ratio, faces.boxes.reshape(-1, 2), atol=1e-4)
+    np.testing.assert_allclose(
+        (moved.boxes.reshape(-1, 2) - [pad_x, pad_y]) / ratio, faces.boxes.reshape(-1, 2), atol=1e-4
+    )
 
 
 def test_flip_mirrors_and_swaps_left_and_right():

@@ -17,9 +17,17 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 # Augmentation off and AdamW: the loss of a tiny run then falls within a few steps.
 LEARNABLE = [
-    "data.augment.mosaic=0", "data.augment.fliplr=0", "data.augment.scale=0", "data.augment.translate=0",
-    "data.augment.hsv_h=0", "data.augment.hsv_s=0", "data.augment.hsv_v=0",
-    "optim.optimizer=adamw", "optim.lr=0.002", "optim.warmup_epochs=0", "optim.warmup_min_steps=0",
+    "data.augment.mosaic=0",
+    "data.augment.fliplr=0",
+    "data.augment.scale=0",
+    "data.augment.translate=0",
+    "data.augment.hsv_h=0",
+    "data.augment.hsv_s=0",
+    "data.augment.hsv_v=0",
+    "optim.optimizer=adamw",
+    "optim.lr=0.002",
+    "optim.warmup_epochs=0",
+    "optim.warmup_min_steps=0",
 ]
 
 
@@ -31,15 +39,35 @@ def environment() -> dict[str, str]:
     return env
 
 
-def train_command(out: Path, synthetic: Path, *overrides: str, launcher: str | None = None, processes: int = 2,
-                  config: Path | None = TINY) -> list[str]:
+def train_command(
+    out: Path,
+    synthetic: Path,
+    *overrides: str,
+    launcher: str | None = None,
+    processes: int = 2,
+    config: Path | None = TINY,
+) -> list[str]:
     """The command of a run; `config=None` uses train.py's own default (the embedded default)."""
-    args = [str(TRAIN), *(["--config", str(config)] if config else []), f"output_dir={out}",
-            f"data.synthetic_root={synthetic}", *overrides]
+    args = [
+        str(TRAIN),
+        *(["--config", str(config)] if config else []),
+        f"output_dir={out}",
+        f"data.synthetic_root={synthetic}",
+        *overrides,
+    ]
     if launcher is None:
         return [sys.executable, *args]
-    return [str(ACCELERATE), "launch", "--config_file", str(ROOT / "ds_configs" / f"accelerate_{launcher}.yaml"),
-            "--num_processes", str(processes), "--main_process_port", "0", *args]
+    return [
+        str(ACCELERATE),
+        "launch",
+        "--config_file",
+        str(ROOT / "ds_configs" / f"accelerate_{launcher}.yaml"),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        "0",
+        *args,
+    ]
 
 
 def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -56,4 +84,3 @@ def mlflow_run(out: Path):
 
 def history(client, run, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-

@@ -23,7 +23,9 @@ def test_global_batch_40_splits():
     assert micro_batch_candidates(40, 4) == [10, 5, 2, 1]
     with pytest.raises(BatchSplitError, match="train.global_batch=40 does not divide over 3 ranks"):
         split_global_batch(40, 3)
-    with pytest.raises(BatchSplitError, match=r"train.micro_batch=3 does not divide the 20 images per rank.*\[1, 2, 4, 5, 10, 20\]"):
+    with pytest.raises(
+        BatchSplitError, match=r"train.micro_batch=3 does not divide the 20 images per rank.*\[1, 2, 4, 5, 10, 20\]"
+    ):
         split_global_batch(40, 2, micro_batch=3)
 
 
@@ -76,7 +78,9 @@ def test_ema_averages_parameters_and_buffers():
     averaged = ema.module.state_dict()
     name = "backbone.stem.stem_1.0.weight"
     torch.testing.assert_close(averaged[name], start[name] + 0.5)
-    torch.testing.assert_close(averaged["backbone.stem.stem_1.1.running_mean"], start["backbone.stem.stem_1.1.running_mean"] + 1.0)
+    torch.testing.assert_close(
+        averaged["backbone.stem.stem_1.1.running_mean"], start["backbone.stem.stem_1.1.running_mean"] + 1.0
+    )
     assert not any(p.requires_grad for p in ema.module.parameters())
     restored = ModelEMA(build_model({"size": "n"}), live)
     restored.load_state_dict(ema.state_dict())

@@ -13,7 +13,7 @@ import torch
 
 from adyolo.engine.checkpoint import load_weights
 
-from .runs import LEARNABLE, environment, history, mlflow_run, run, train_command, ROOT
+from .runs import LEARNABLE, ROOT, environment, history, mlflow_run, run, train_command
 
 pytestmark = pytest.mark.distributed
 
@@ -57,8 +57,10 @@ def test_resumed_run_matches_the_uninterrupted_one(launcher, synthetic, tmp_path
     # 16 images at a global batch of 4: 4 steps per epoch, whatever the number of ranks. Step 3 is in
     # the middle of epoch 1: resume from there in a new folder.
     resumed = tmp_path / "resumed"
-    proc = run(train_command(resumed, synthetic, *common, launcher=launcher)
-               + ["--resume", str(whole / "checkpoints" / "step-00000003")])
+    proc = run(
+        train_command(resumed, synthetic, *common, launcher=launcher)
+        + ["--resume", str(whole / "checkpoints" / "step-00000003")]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client_a, run_a = mlflow_run(whole)
     client_b, run_b = mlflow_run(resumed)
@@ -71,8 +73,9 @@ def test_resumed_run_matches_the_uninterrupted_one(launcher, synthetic, tmp_path
 def test_sigterm_saves_a_resumable_checkpoint(synthetic, tmp_path):
     out = tmp_path / "run"
     command = train_command(out, synthetic, "epochs=30", *LEARNABLE)
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=environment(), cwd=ROOT)
+    proc = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment(), cwd=ROOT
+    )
     deadline = time.time() + 120
     for line in proc.stderr:  # wait until training is under way
         if "epoch 2/30" in line or time.time() > deadline:
@@ -102,16 +105,32 @@ def test_bad_config_fails_on_every_rank_before_any_work(synthetic, tmp_path):
 def test_nonfinite_losses_stop_the_run_with_a_checkpoint(synthetic, tmp_path):
     out = tmp_path / "nan"
     # A learning rate this large sends the weights to infinity within a step or two.
-    proc = run(train_command(out, synthetic, "optim.lr=1e30", "optim.warmup_epochs=0", "optim.warmup_min_steps=0",
-                             "optim.optimizer=adamw", "train.max_nonfinite_steps=3"), timeout=120)
+    proc = run(
+        train_command(
+            out,
+            synthetic,
+            "optim.lr=1e30",
+            "optim.warmup_epochs=0",
+            "optim.warmup_min_steps=0",
+            "optim.optimizer=adamw",
+            "train.max_nonfinite_steps=3",
+        ),
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "3 micro-batches in a row had a non-finite loss; checkpoint saved" in proc.stdout
     assert (out / "checkpoints" / "latest").is_file()
 
 
 def test_a_dying_rank_fails_the_job_instead_of_hanging(synthetic, tmp_path):
-    proc = subprocess.Popen(train_command(tmp_path / "dies", synthetic, "epochs=200", launcher="zero2"),
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment(), cwd=ROOT)
+    proc = subprocess.Popen(
+        train_command(tmp_path / "dies", synthetic, "epochs=200", launcher="zero2"),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=environment(),
+        cwd=ROOT,
+    )
     for line in proc.stderr:  # wait until both ranks train
         if "epoch 2/200" in line:
             break

@@ -14,12 +14,16 @@ def row(cx, cy, w, h, obj, cls=None):
 
 
 def test_nms_keeps_the_best_of_overlapping_boxes_and_drops_low_scores():
-    decoded = torch.tensor([[
-        row(50, 50, 20, 20, 0.8),
-        row(52, 50, 20, 20, 0.9),  # overlaps the first (IoU 0.82): suppresses it
-        row(150, 50, 20, 20, 0.7),  # elsewhere: kept
-        row(250, 50, 20, 20, 0.01),  # under the confidence threshold
-    ]])
+    decoded = torch.tensor(
+        [
+            [
+                row(50, 50, 20, 20, 0.8),
+                row(52, 50, 20, 20, 0.9),  # overlaps the first (IoU 0.82): suppresses it
+                row(150, 50, 20, 20, 0.7),  # elsewhere: kept
+                row(250, 50, 20, 20, 0.01),  # under the confidence threshold
+            ]
+        ]
+    )
     (dets,) = postprocess(decoded, conf_threshold=0.02, iou_threshold=0.5)
     assert dets.shape == (2, 16)
     torch.testing.assert_close(dets[:, 4], torch.tensor([0.9, 0.7]))
@@ -28,10 +32,14 @@ def test_nms_keeps_the_best_of_overlapping_boxes_and_drops_low_scores():
 
 
 def test_several_classes_score_by_objectness_times_class_and_nms_per_class():
-    decoded = torch.tensor([[
-        row(50, 50, 20, 20, 0.9, cls=[0.5, 0.1]),
-        row(51, 50, 20, 20, 0.8, cls=[0.1, 0.9]),  # same place, other class: both kept
-    ]])
+    decoded = torch.tensor(
+        [
+            [
+                row(50, 50, 20, 20, 0.9, cls=[0.5, 0.1]),
+                row(51, 50, 20, 20, 0.8, cls=[0.1, 0.9]),  # same place, other class: both kept
+            ]
+        ]
+    )
     (dets,) = postprocess(decoded, conf_threshold=0.1)
     torch.testing.assert_close(dets[:, 4], torch.tensor([0.72, 0.45]))
     assert dets[:, 15].tolist() == [1.0, 0.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from adyolo.data.dataset import FaceDataset, build_loader, list_images
@@ -68,7 +67,9 @@ def test_bf16_outputs_give_fp32_losses():
 
 
 def test_overfits_one_synthetic_batch(tmp_path):
-    splits = ensure_synthetic_dataset(tmp_path / "synthetic", SyntheticConfig(num_train=4, num_val=1, image_size=192, max_face=80))
+    splits = ensure_synthetic_dataset(
+        tmp_path / "synthetic", SyntheticConfig(num_train=4, num_val=1, image_size=192, max_face=80)
+    )
     batch = next(iter(build_loader(FaceDataset(list_images(splits["train"]), 192), 4, False, 0, 0)))
     assert len(batch["targets"]) >= 4
     net, loss_fn = make(size=192)

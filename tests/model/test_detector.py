@@ -23,9 +23,7 @@ def test_four_levels_at_strides_4_8_16_32(size, fusion, height, width):
     assert model.strides == [4, 8, 16, 32]
     with torch.no_grad():
         outputs = model(torch.randn(2, 3, height, width))
-    assert [tuple(o.shape) for o in outputs] == [
-        (2, 3, height // s, width // s, NUM_OUTPUTS) for s in (4, 8, 16, 32)
-    ]
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, height // s, width // s, NUM_OUTPUTS) for s in (4, 8, 16, 32)]
     assert all(torch.isfinite(o).all() for o in outputs)
 
 

@@ -28,11 +28,23 @@ def cluster(tmp_path_factory):
 
 def sbatch(cluster, out: Path, *train_args: str, wait: bool) -> subprocess.CompletedProcess:
     """Submit slurm/train.sh with the tiny config on 2 nodes x 1 CPU process (no GPUs here)."""
-    env = cluster.env(**{k: v for k, v in environment().items() if k != "SLURM_CONF"},
-                      PROCS_PER_NODE="1", OUTPUT_DIR=str(out / "run"))
-    command = ["sbatch", "--wait" if wait else "--parsable", "--nodes=2", "--gres=none", "--cpus-per-task=1",
-               "--time=00:20:00", f"--output={out}/%x-%j.out", "slurm/train.sh", "tests/configs/tiny.yaml",
-               f"data.synthetic_root={out / 'synthetic'}", "train.precision=bf16", *train_args]
+    env = cluster.env(
+        **{k: v for k, v in environment().items() if k != "SLURM_CONF"}, PROCS_PER_NODE="1", OUTPUT_DIR=str(out / "run")
+    )
+    command = [
+        "sbatch",
+        "--wait" if wait else "--parsable",
+        "--nodes=2",
+        "--gres=none",
+        "--cpus-per-task=1",
+        "--time=00:20:00",
+        f"--output={out}/%x-%j.out",
+        "slurm/train.sh",
+        "tests/configs/tiny.yaml",
+        f"data.synthetic_root={out / 'synthetic'}",
+        "train.precision=bf16",
+        *train_args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -103,5 +115,10 @@ def test_a_failing_rank_fails_the_job(cluster, tmp_path):
 def _is_training_process(cmdline: list[str], out: Path) -> bool:
     """A rank of this test's job: python running launch/train.py (not srun or the accelerate launcher)."""
     line = " ".join(cmdline)
-    return (bool(cmdline) and Path(cmdline[0]).name.startswith("python") and "launch/train.py" in line
-            and str(out) in line and "accelerate" not in line)
+    return (
+        bool(cmdline)
+        and Path(cmdline[0]).name.startswith("python")
+        and "launch/train.py" in line
+        and str(out) in line
+        and "accelerate" not in line
+    )
