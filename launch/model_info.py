@@ -18,7 +18,7 @@ import yaml
 
 from adyolo.config import load_model_config, load_run_config
 from adyolo.model import build_model
-from adyolo.model.summary import describe
+from adyolo.model.summary import summarize
 from adyolo.schema import to_dict
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         cfg = load_run_config(args.config, args.overrides).model
     print(yaml.safe_dump({"model": to_dict(cfg)}, sort_keys=False, default_flow_style=None), end="")
     model = build_model(cfg).train()
-    print(describe(model, cfg.img_size))
+    print(summarize(model, cfg.img_size))
 
     images = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size)
     start = time.perf_counter()

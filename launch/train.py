@@ -34,8 +34,7 @@ from adyolo.engine.tracking import Tracker, flatten, tracking_uri
 from adyolo.engine.trainer import Trainer, TrainerParts, rank_placement
 from adyolo.loss.criterion import DetectionLoss
 from adyolo.model import build_model
-from adyolo.model.checkpoint import checkpointed_blocks
-from adyolo.model.summary import count_gflops, count_parameters, describe
+from adyolo.model.summary import summarize
 from adyolo.schema import ConfigError, to_dict
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -87,8 +86,8 @@ def main() -> int:
     # Model, identical on every rank; then loss and optimizer.
     set_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    accelerator.print(describe(model, cfg.model.img_size))
-    summary = {"parameters": count_parameters(model), "gflops": round(count_gflops(model, cfg.model.img_size), 3)}
+    summary = summarize(model, cfg.model.img_size)
+    accelerator.print(summary)
     if cfg.train.sync_batchnorm and torch.cuda.is_available():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.train.channels_last:
@@ -131,8 +130,9 @@ def main() -> int:
             "micro_batch": split.micro_batch,
             "accumulation": split.accumulation,
             "precision_resolved": precision,
-            "checkpointed_blocks": ",".join(checkpointed_blocks(accelerator.unwrap_model(model))) or "none",
-            **summary,
+            "checkpointed_blocks": ",".join(summary.checkpointed) or "none",
+            "parameters": summary.parameters,
+            "gflops": round(summary.gflops, 3),
         }
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}

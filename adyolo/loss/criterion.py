@@ -23,17 +23,19 @@ class DetectionLoss:
 
     def __init__(self, cfg: LossConfig, anchors_px: torch.Tensor, strides: torch.Tensor, num_classes: int):
         self.cfg = cfg
-        self.anchors_px = anchors_px.detach().float().cpu()  # [L, A, 2]
-        self.strides = strides.detach().float().cpu()  # [L]
+        self.anchors_px = anchors_px.detach().float()  # [L, A, 2]
+        self.strides = strides.detach().float()  # [L]
         self.num_classes = num_classes
 
     def __call__(self, raw: list[torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         device = raw[0].device
+        if self.anchors_px.device != device:  # moved once, not copied to the device every step
+            self.anchors_px, self.strides = self.anchors_px.to(device), self.strides.to(device)
         levels = assign(
             targets.float(),
-            self.anchors_px.to(device),
-            self.strides.to(device),
+            self.anchors_px,
+            self.strides,
             [(p.shape[2], p.shape[3]) for p in raw],
             cfg.anchor_t,
         )

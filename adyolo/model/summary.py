@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,14 +30,32 @@ def count_gflops(model: nn.Module, height: int, width: int | None = None) -> flo
     return counter.get_total_flops() / 1e9
 
 
-def describe(model: nn.Module, img_size: int) -> str:
-    """One start-up line: variant, parameters, GFLOPs at `img_size`, checkpointed blocks."""
+@dataclass(frozen=True)
+class ModelSummary:
+    """What the start-up report says about a detector."""
+
+    variant: str  # e.g. "size=s fusion=full, attention=sdpa"
+    parameters: int
+    gflops: float  # one image at img_size x img_size
+    img_size: int
+    checkpointed: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return (
+            f"ADYOLOv5-Face {self.variant}: {self.parameters / 1e6:.3f} M parameters, "
+            f"{self.gflops:.2f} GFLOPs at {self.img_size}x{self.img_size}, "
+            f"activation checkpointing: {', '.join(self.checkpointed) if self.checkpointed else 'off'}"
+        )
+
+
+def summarize(model: nn.Module, img_size: int) -> ModelSummary:
+    """Count once; print it (`str`) and log its fields."""
     cfg = model.cfg
     attention = f", attention={cfg.attention}" if cfg.fusion == "full" else ""
-    blocks = checkpointed_blocks(model)
-    return (
-        f"ADYOLOv5-Face size={cfg.size} fusion={cfg.fusion}{attention}: "
-        f"{count_parameters(model) / 1e6:.3f} M parameters, "
-        f"{count_gflops(model, img_size):.2f} GFLOPs at {img_size}x{img_size}, "
-        f"activation checkpointing: {', '.join(blocks) if blocks else 'off'}"
+    return ModelSummary(
+        variant=f"size={cfg.size} fusion={cfg.fusion}{attention}",
+        parameters=count_parameters(model),
+        gflops=count_gflops(model, img_size),
+        img_size=img_size,
+        checkpointed=tuple(checkpointed_blocks(model)),
     )
