@@ -139,9 +139,7 @@ class Trainer:
             finite = torch.isfinite(losses["total"]).to(images.device, torch.float32)
             # Every rank must agree on skipping, or the collectives in backward would deadlock.
             if acc.reduce(finite, reduction="sum").item() < acc.num_processes:
-                self.p.state.nonfinite_steps += 1
-                window.nonfinite = True
-                self._check_nonfinite()
+                self._skip_nonfinite(window)
                 return
             acc.backward(losses["total"])
             if acc.sync_gradients:
@@ -153,9 +151,7 @@ class Trainer:
                     p.optimizer.zero_grad(set_to_none=True)
                     if not torch.isfinite(norm):  # a finite loss can still overflow in backward
                         window.stepped = False  # the norm is the same on every rank: all skip
-                        window.nonfinite = True
-                        self.p.state.nonfinite_steps += 1
-                        self._check_nonfinite()
+                        self._skip_nonfinite(window)
         window.add(losses, len(images), int(batch["skipped"]))
 
     def _after_optimizer_step(self, window: _Window, bar) -> None:
@@ -253,8 +249,11 @@ class Trainer:
                 self.p.tracker.log_artifact(out, "val_images")
 
     # ------------------------------------------------------------------------------------------
-    def _check_nonfinite(self) -> None:
+    def _skip_nonfinite(self, window: _Window) -> None:
+        """Count a skipped non-finite micro-batch; too many in a row save and stop the run."""
         state = self.p.state
+        window.nonfinite = True
+        state.nonfinite_steps += 1
         state.nonfinite_in_a_row += 1
         if state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
             save_resumable(self.acc, self.output_dir, state.step, self.cfg.train.keep_checkpoints)

@@ -7,7 +7,6 @@ the caller gathers those across ranks and calls `score` once. Nothing here knows
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -76,7 +75,3 @@ def _xywh_score(dets: np.ndarray) -> np.ndarray:
         out[:, 2:4] = dets[:, 2:4] - dets[:, :2]
         out[:, 4] = dets[:, 4]
     return out
-
-
-def summarize(metrics: Mapping[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())

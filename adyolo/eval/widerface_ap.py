@@ -243,24 +243,23 @@ def _curve(proposals: np.ndarray, recalled: np.ndarray, num_faces: int, threshol
 
 def _check_predictions(image_id: str, predictions: np.ndarray | None) -> np.ndarray:
     """None or [M, 5] -> float64 [M, 5] ([0, 5] when empty)."""
-    if predictions is None:
-        return np.zeros((0, 5))
-    predictions = np.asarray(predictions, dtype=np.float64)
-    if predictions.size == 0:
-        return np.zeros((0, 5))
-    if predictions.ndim != 2 or predictions.shape[1] != 5:
-        raise ValueError(f"predictions of {image_id!r}: expected [M, 5] x y w h score, got {predictions.shape}")
-    return predictions
+    return _as_rows(image_id, predictions, 5, "predictions", "[M, 5] x y w h score")
 
 
 def _check_boxes(image_id: str, boxes: np.ndarray) -> np.ndarray:
     """[N, 4] -> float64 [N, 4] ([0, 4] when empty)."""
-    boxes = np.asarray(boxes, dtype=np.float64)
-    if boxes.size == 0:
-        return np.zeros((0, 4))
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"ground truth of {image_id!r}: expected [N, 4] x y w h, got {boxes.shape}")
-    return boxes
+    return _as_rows(image_id, boxes, 4, "ground truth", "[N, 4] x y w h")
+
+
+def _as_rows(image_id: str, values: np.ndarray | None, columns: int, what: str, expected: str) -> np.ndarray:
+    if values is None:
+        return np.zeros((0, columns))
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros((0, columns))
+    if values.ndim != 2 or values.shape[1] != columns:
+        raise ValueError(f"{what} of {image_id!r}: expected {expected}, got {values.shape}")
+    return values
 
 
 def _check_keep(image_id: str, truth: ImageGroundTruth, setting: str, num_boxes: int) -> np.ndarray:
