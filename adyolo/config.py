@@ -51,6 +51,13 @@ class RunConfig:
             raise ConfigError("epochs", f"{self.epochs} must be at least 1")
         if not self.output_dir:
             raise ConfigError("output_dir", "must name a folder")
+        if self.train.compile and self.model.checkpoint:
+            # The recompute restores BatchNorm buffers in a context torch.compile cannot trace.
+            raise ConfigError(
+                "train.compile",
+                f"cannot be combined with activation checkpointing (model.checkpoint={list(self.model.checkpoint)}); "
+                "set train.compile=false or model.checkpoint=[]",
+            )
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -28,7 +28,7 @@ from adyolo.engine.accelerator import build_accelerator
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.batching import BatchSplitError
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
-from adyolo.engine.ema import ModelEMA
+from adyolo.engine.ema import ModelEMA, zero3_gather
 from adyolo.engine.optim import Schedule, build_optimizer
 from adyolo.engine.tracking import Tracker, flatten, tracking_uri
 from adyolo.engine.trainer import Trainer, TrainerParts, rank_placement
@@ -92,12 +92,14 @@ def main() -> int:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()  # in place: the state dict keys, EMA and checkpoints stay as they are
     loss_fn = DetectionLoss(cfg.loss, model.head.anchors, model.head.strides, cfg.model.num_classes)
     optimizer = build_optimizer(model, cfg.optim, split.global_batch)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     set_seed(cfg.train.seed, device_specific=True)  # per-rank streams for stochastic depth
 
-    gather = {"gather": _zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
+    gather = {"gather": zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
     ema = ModelEMA(
         build_model(cfg.model).to(accelerator.device),
         accelerator.unwrap_model(model),
@@ -155,12 +157,6 @@ def main() -> int:
     code = Trainer(parts, cfg, precision, config_dict).fit()
     accelerator.end_training()
     return code
-
-
-def _zero3_gather(params):
-    import deepspeed  # only runs under DeepSpeed ZeRO-3
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 if __name__ == "__main__":

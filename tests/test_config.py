@@ -71,6 +71,12 @@ def test_shipped_model_configs_load():
         ("model:\n  anchors: [[1, 2, 3]]\n", "model.anchors", 2, ["4 lists of 6 numbers"]),
         ("model:\n  attention_heads: 3\n", "model.attention_heads", 2, ["does not divide the 128"]),
         ("modle:\n  size: s\n", "modle", 1, ["unknown key", "did you mean 'model'"]),
+        (
+            "model:\n  checkpoint: [all]\ntrain:\n  compile: true\n",
+            "train.compile",
+            4,
+            ["activation checkpointing", "train.compile=false or model.checkpoint=[]"],
+        ),
     ],
 )
 def test_bad_values_name_file_line_key_and_fix(tmp_path, body, key, line, words):

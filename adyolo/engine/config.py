@@ -70,6 +70,8 @@ class TrainConfig:
     """Consecutive steps with a non-finite loss before the run saves and stops."""
     channels_last: bool = False
     """Run convolutions in channels_last memory format."""
+    compile: bool = False
+    """torch.compile the training forward (in place; evaluation and the EMA copy stay eager)."""
     sync_batchnorm: bool = False
     """Synchronise BatchNorm statistics across ranks in forward (CUDA only)."""
     timeout_s: int = 600

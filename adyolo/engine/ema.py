@@ -21,6 +21,13 @@ def _no_gather(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def zero3_gather(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """The `gather` for DeepSpeed ZeRO-3, whose parameters live partitioned outside forward."""
+    import deepspeed  # only needed, and only importable cheaply, under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 class ModelEMA:
     def __init__(
         self,

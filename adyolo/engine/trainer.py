@@ -109,22 +109,39 @@ class Trainer:
             dynamic_ncols=True,
             leave=True,
         )
-        window = _Window()
+        window = Window()
         for batch in loader:
             state.batches_in_epoch += 1
-            self._micro_step(batch, window)
+            window_done = self.train_step(batch, window)
             bar.update(1)
-            if acc.sync_gradients:  # the end of an accumulation window
+            if window_done:
                 if window.stepped:
                     self._after_optimizer_step(window, bar)
-                elif not self._deepspeed:
-                    # The window's last micro-batch was skipped: drop the window's gradients. (DeepSpeed
-                    # keeps them and adds them to the next window's step.)
-                    p.optimizer.zero_grad(set_to_none=True)
-                window = _Window()
+                window = Window()
         bar.close()
 
-    def _micro_step(self, batch: dict, window: _Window) -> None:
+    def train_step(self, batch: dict, window: Window) -> bool:
+        """One micro-batch (images uint8 [B, 3, H, W] and targets [M, 16] on the device): forward, loss,
+        backward; at the end of an accumulation window also the optimizer step and the EMA update.
+        Returns whether the window ended (`window.stepped`: whether the weights changed). This is
+        all a training step is; `launch/bench.py` times exactly this."""
+        p, state = self.p, self.p.state
+        self._micro_step(batch, window)
+        if not self.acc.sync_gradients:
+            return False
+        if window.stepped:
+            state.step += 1
+            if not window.nonfinite:
+                state.nonfinite_in_a_row = 0
+            p.ema.update(self.acc.unwrap_model(p.model))
+            state.skipped_images += window.skipped
+        elif not self._deepspeed:
+            # The window's last micro-batch was skipped: drop the window's gradients. (DeepSpeed keeps
+            # them and adds them to the next window's step.)
+            p.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _micro_step(self, batch: dict, window: Window) -> None:
         p, acc = self.p, self.acc
         images = batch["images"].float().div_(255)
         if self.cfg.train.channels_last:
@@ -154,13 +171,8 @@ class Trainer:
                         self._skip_nonfinite(window)
         window.add(losses, len(images), int(batch["skipped"]))
 
-    def _after_optimizer_step(self, window: _Window, bar) -> None:
-        p, state, acc = self.p, self.p.state, self.acc
-        state.step += 1
-        if not window.nonfinite:
-            state.nonfinite_in_a_row = 0
-        p.ema.update(acc.unwrap_model(p.model))
-        state.skipped_images += window.skipped
+    def _after_optimizer_step(self, window: Window, bar) -> None:
+        state, acc = self.p.state, self.acc
         bar.set_postfix_str(f"{window.postfix()} | {float(snapshot(acc.device)[0]):.2f} GiB peak")
         if state.step % self.cfg.train.log_interval == 0:
             self._log_step(window)
@@ -173,7 +185,7 @@ class Trainer:
                 f"stopped by signal at step {state.step}; checkpoint saved, continue with --resume",
             )
 
-    def _log_step(self, window: _Window) -> None:
+    def _log_step(self, window: Window) -> None:
         """Every rank reports its memory (a collective); the main process logs one series per rank."""
         acc, state = self.acc, self.p.state
         gathered = acc.gather(snapshot(acc.device).to(acc.device)[None]).cpu()
@@ -249,7 +261,7 @@ class Trainer:
                 self.p.tracker.log_artifact(out, "val_images")
 
     # ------------------------------------------------------------------------------------------
-    def _skip_nonfinite(self, window: _Window) -> None:
+    def _skip_nonfinite(self, window: Window) -> None:
         """Count a skipped non-finite micro-batch; too many in a row save and stop the run."""
         state = self.p.state
         window.nonfinite = True
@@ -275,7 +287,7 @@ class Trainer:
         return self.acc.distributed_type.name == "DEEPSPEED"
 
 
-class _Window:
+class Window:
     """Loss sums and timing of one optimizer step's micro-batches."""
 
     def __init__(self) -> None:
