@@ -45,6 +45,12 @@ def enable_activation_checkpointing(model: nn.Module, names: Iterable[str]) -> l
     return marked
 
 
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Unmark every block: forward and backward then run each block once."""
+    for block in model.modules():
+        block.__dict__.pop(_FLAG, None)
+
+
 def checkpointed_blocks(model: nn.Module) -> list[str]:
     """Names of the submodules currently marked for checkpointing."""
     return [name for name, m in model.named_modules() if getattr(m, _FLAG, False)]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from adyolo.model.checkpoint import checkpointed_blocks
+from adyolo.model.checkpoint import checkpointed_blocks, disable_activation_checkpointing
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -28,6 +28,21 @@ def count_gflops(model: nn.Module, height: int, width: int | None = None) -> flo
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         probe(image)
     return counter.get_total_flops() / 1e9
+
+
+def count_training_gflops(model: nn.Module, height: int, width: int | None = None) -> float:
+    """GFLOPs of one training step's forward and backward on one [3, height, width] image, on the meta
+    device like `count_gflops`. These are the model's FLOPs: blocks marked for activation checkpointing
+    are counted once, not again for their recompute, so throughput in these units is comparable
+    with checkpointing on and off."""
+    probe = copy.deepcopy(model).to("meta").train()
+    disable_activation_checkpointing(probe)
+    # Two images: train-mode BatchNorm refuses one value per channel (a pooled 1x1 map of one image).
+    images = torch.zeros(2, 3, height, width or height, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        outputs = probe(images)
+        sum(o.float().sum() for o in outputs).backward()
+    return counter.get_total_flops() / 2e9
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from adyolo.model import ModelConfig, build_model
-from adyolo.model.summary import count_gflops, count_parameters
+from adyolo.model.checkpoint import checkpointed_blocks
+from adyolo.model.summary import count_gflops, count_parameters, count_training_gflops
 
 from ..conftest import assert_tensors_agree
 
@@ -59,6 +60,17 @@ def test_flop_count_sees_the_attention_whichever_implementation():
     sdpa = count_gflops(build_model({"size": "n", "attention": "sdpa"}), 320)
     explicit = count_gflops(build_model({"size": "n", "attention": "explicit"}), 320)
     assert sdpa == pytest.approx(explicit, rel=1e-9)
+
+
+def test_training_flops_are_forward_and_backward_and_ignore_the_recompute():
+    plain = build_model({"size": "n", "fusion": "full"})
+    checkpointed = build_model({"size": "n", "fusion": "full", "checkpoint": ["all"]})
+    forward = count_gflops(plain, 320)
+    training = count_training_gflops(plain, 320)
+    # Backward costs about twice the forward (input and weight gradients; the first conv has no input grad).
+    assert 2.6 * forward < training < 3.05 * forward
+    assert count_training_gflops(checkpointed, 320) == pytest.approx(training, rel=1e-9)
+    assert checkpointed_blocks(checkpointed)  # counting did not unmark the real model's blocks
 
 
 def test_decode_of_zero_logits_puts_boxes_at_cell_centres_with_anchor_sizes():
