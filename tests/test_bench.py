@@ -1,7 +1,10 @@
-"""launch/bench.py runs its grid on CPU and reports every row."""
+"""launch/bench.py: a grid of real training steps on CPU (through accelerate and DeepSpeed), its
+reports, and how a row's out-of-memory error, crash or hang becomes a result."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,92 +12,184 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from adyolo.model import ModelConfig, build_model
+from adyolo.model.summary import count_training_gflops
+from tests.engine.runs import environment
 
 BENCH = Path(__file__).parents[1] / "launch" / "bench.py"
 
 
-def test_bench_grid_on_cpu(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--device",
-            "cpu",
-            "--size",
-            "n",
-            "--img",
-            "96",
-            "--batch",
-            "2",
-            "--variants",
-            "full/sdpa,efficient",
-            "--checkpoint",
-            "off,on",
-            "--warmup",
-            "0",
-            "--steps",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout, env=environment()
     )
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [(r["variant"], r["checkpoint"]) for r in rows] == [
-        ("full/sdpa", False),
-        ("full/sdpa", True),
-        ("efficient", False),
-        ("efficient", True),
-    ]
-    for r in rows:
-        assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["peak_rss_gib"] > 0
-        assert r["gflops_per_image"] > 0 and r["params_m"] > 0
-    table = (tmp_path / "bench.md").read_text()
-    assert table.count("| full/sdpa |") == 2 and table.count("| efficient |") == 2
-    assert "1.00x" in table  # ratios against the first row
 
 
-def test_bench_rejects_unknown_variant(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--variants", "full/flash", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2
-    assert "unknown 'full/flash'" in proc.stderr
-
-
-def test_loader_bench_reports_each_worker_count(tmp_path):
+@pytest.mark.distributed
+def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     images = tmp_path / "data" / "images"
     images.mkdir(parents=True)
     for i in range(6):
         cv2.imwrite(str(images / f"{i}.jpg"), np.full((48, 64, 3), 30 * i, np.uint8))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--loader",
-            "--workers",
-            "0,1",
-            "--img",
-            "64",
-            "--batch",
-            "2",
-            "--batches",
-            "2",
-            "--data",
-            str(images),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = tmp_path / "out"
+    proc = _bench(
+        *("--size", "n", "--img", "64", "--global-batch", "4", "--gpus", "2"),
+        *("--fusion", "full,efficient", "--attention", "sdpa", "--checkpoint", "off", "--zero", "0,2"),
+        *("--warmup", "1", "--steps", "2", "--out", str(out)),
+        *("--loader", "--workers", "0", "--loader-batches", "2", "--data", str(images)),
     )
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["loader"]
-    assert [r["workers"] for r in rows] == [0, 1] and all(r["images_per_s"] > 0 for r in rows)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((out / "bench.json").read_text())
+    rows = saved["rows"]
+    assert [bench.label(r) for r in rows] == [
+        "full/sdpa fp32 ckpt=off ddp b4",
+        "full/sdpa fp32 ckpt=off z2 b4",
+        "efficient fp32 ckpt=off ddp b4",
+        "efficient fp32 ckpt=off z2 b4",
+    ]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["zero_stage"] == (2 if r["zero"] == "2" else 0)
+        assert (r["world_size"], r["micro_batch"], r["accumulation"]) == (2, 2, 1)
+        assert len(r["ranks"]) == 2 and all(rank["peak_allocated_gib"] > 0.1 for rank in r["ranks"])
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0
+    for r in rows:  # the TFLOP/s column rests on the model's own fwd+bwd count at the benchmarked size
+        model = build_model(ModelConfig(size="n", fusion=r["fusion"], attention=r["attention"].replace("-", "sdpa")))
+        assert r["train_gflops_per_image"] == pytest.approx(count_training_gflops(model, 64))
+    assert [r["workers"] for r in saved["loader"]] == [0] and saved["loader"][0]["images_per_s"] > 0
+
+    report = (out / "bench.md").read_text()
+    assert report.count("| full/sdpa fp32") == 2 and report.count("| efficient fp32") == 2
+    assert "| 2 x 2 x 1 |" in report and "1.00x" in report
+    assert "loader keeps up" in report and "| loader workers | images/s |" in report
+    assert (out / "bench.png").stat().st_size > 10_000
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    metrics = run.data.metrics
+    assert metrics["efficient fp32 ckpt-off z2 b4/images_per_s"] == pytest.approx(rows[3]["images_per_s"])
+    assert metrics["full/sdpa fp32 ckpt-off ddp b4/rank1/peak_allocated_gib"] > 0.1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"bench.md", "bench.json", "bench.png"} <= artifacts
+
+
+def test_bad_grid_values_and_config_keys_stop_before_any_row(tmp_path):
+    proc = _bench("--attention", "flash", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "--attention: unknown 'flash'" in proc.stderr
+    proc = _bench("--set", "train.ema_decya=0.9", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "ema_decya" in proc.stderr
+    proc = _bench("--checkpoint", "all", "--compile", "on", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "train.compile: cannot be combined with activation checkpointing" in proc.stderr
+    assert not (tmp_path / "rows").exists()
+
+
+def test_grid_varies_attention_only_for_the_full_variant():
+    namespace = argparse.Namespace(
+        global_batch=[40],
+        fusion=["full", "efficient"],
+        attention=["sdpa", "explicit"],
+        precision=["bf16"],
+        checkpoint=["off", "all"],
+        zero=["0"],
+        channels_last=["off"],
+        compile=["off", "on"],
+    )
+    rows = bench.expand_grid(namespace)
+    names = [bench.label(r) for r in rows]
+    assert len(rows) == 12 and len(set(names)) == 12  # full: 2 x 2 x 2, efficient: 2 x 2
+    assert sum(r["fusion"] == "efficient" for r in rows) == 4
+    assert {r["attention"] for r in rows if r["fusion"] == "efficient"} == {"-"}
+    assert "full/explicit bf16 ckpt=all ddp compile b40" in names
+
+
+def test_an_out_of_memory_rank_records_the_row_as_oom(tmp_path, monkeypatch):
+    def exhausted(spec, out):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.93 GiB\nmore detail")
+
+    monkeypatch.setattr(bench, "_train_steps", exhausted)
+    monkeypatch.setenv("RANK", "1")
+    assert bench.measure({}, tmp_path) == bench.EXIT_OOM
+    result = bench.collect(tmp_path, bench.EXIT_OOM)
+    assert result == {"oom": "CUDA out of memory. Tried to allocate 23.93 GiB", "oom_rank": 1}
+
+    def broken(spec, out):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "_train_steps", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # not an OOM: a real failure
+        bench.measure({}, tmp_path / "other")
+
+
+def test_a_crashed_or_hung_row_is_reported_with_its_cause(tmp_path):
+    (tmp_path / "log.txt").write_text(
+        "[rank0]: Traceback (most recent call last):\n"
+        "[rank0]: ValueError: Expected more than 1 value per channel when training\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+    )
+    assert bench.collect(tmp_path, 1) == {
+        "error": "exit 1: [rank0]: ValueError: Expected more than 1 value per channel when training"
+    }
+    assert bench.collect(tmp_path, None) == {"error": "timed out"}
+
+    hang = {"fusion": "efficient", "zero": "0"}
+    common = {"gpus": 1}
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    original = bench.launch_command
+    try:
+        bench.launch_command = lambda row, common, row_dir: command
+        result = bench.run_row(hang, common, tmp_path / "row", timeout_s=1)
+    finally:
+        bench.launch_command = original
+    assert result["error"] == "timed out"
+
+
+def _row(fusion: str, attention: str, precision: str, images_per_s: float, peak: float, **settings) -> dict:
+    row = {
+        "global_batch": 40,
+        "fusion": fusion,
+        "attention": attention,
+        "precision": precision,
+        "checkpoint": "off",
+        "zero": "0",
+        "channels_last": False,
+        "compile": False,
+        **settings,
+    }
+    return {**row, "images_per_s": images_per_s, "peak_allocated_gib": peak, "peak_reserved_gib": peak + 0.5}
+
+
+def test_targets_are_read_off_matching_rows():
+    rows = [
+        _row("full", "sdpa", "bf16", 90.0, 13.0),
+        _row("efficient", "-", "bf16", 100.0, 10.0),
+        _row("full", "sdpa", "bf16", 60.0, 6.0, checkpoint="all"),
+        _row("full", "explicit", "fp32", 30.0, 20.0, global_batch=8),
+        _row("efficient", "-", "bf16", 120.0, 3.0, global_batch=8),
+    ]
+    checks = "\n".join(bench.target_checks(rows, [{"workers": 8, "images_per_s": 110.0}], budget_gib=0.0))
+    assert (
+        "peak memory <= 1.3x efficient: 1.30x" in checks and "1.30x (full/sdpa bf16 ckpt=off ddp b40) - met" in checks
+    )
+    assert "img/s >= 0.75x efficient: 0.90x" in checks
+    assert "fits 16 GiB: 6.50 GiB reserved" in checks
+    assert "2.5x fp32 eager explicit at batch 8: 4.00x (efficient bf16 ckpt=off ddp b8) - met" in checks
+    assert "loader keeps up: 110 img/s vs fastest training 120 img/s - NOT met" in checks
+
+    rows[0]["peak_allocated_gib"] = 14.0
+    checks = "\n".join(bench.target_checks(rows, [], budget_gib=0.0))
+    assert "1.40x (full/sdpa bf16 ckpt=off ddp b40) - NOT met" in checks
+    assert "loader" not in checks
