@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from adyolo.model.blocks import C3, ConvBN
 from adyolo.model.checkpoint import run_block
@@ -26,7 +27,41 @@ Size = tuple[int, int]
 
 
 def pool_to(x: torch.Tensor, size: Size) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+    """Adaptive average pooling of [B,C,H,W] to [B,C,*size] (identity when already that size).
+
+    Eager mode (training, evaluation) always runs `F.adaptive_avg_pool2d`. Under `torch.export` (ONNX
+    export) a pooling whose ratio is not provably an integer for every allowed input size -- High-GD's
+    ceil(H/64) target, or 3 -> 2 at 96 px -- runs as `adaptive_avg_pool_matmul` instead: the exporter
+    lowers a non-integer adaptive pooling to a gather whose indices are fixed at the example size, which
+    breaks the graph at any other size (and at 96 px even at the example size).
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if torch.compiler.is_exporting() and not all(statically_known_true(n % m == 0) for n, m in zip(x.shape[-2:], size)):
+        return adaptive_avg_pool_matmul(x, size)
+    return F.adaptive_avg_pool2d(x, size)
+
+
+def adaptive_avg_pool_matmul(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """`F.adaptive_avg_pool2d(x, size)` as two matmuls with averaging matrices built from the shapes.
+
+    Output cell i along a side of n inputs averages inputs [floor(i*n/m), ceil((i+1)*n/m)), PyTorch's
+    adaptive windows. Only Range, comparisons and MatMul, so the sizes stay symbolic in an export.
+    Equal to the pooling up to float rounding (summation order), about 1e-7 relative.
+    """
+    rows = _averaging_matrix(x.shape[-2], size[0], x)  # [m_h, H]
+    cols = _averaging_matrix(x.shape[-1], size[1], x)  # [m_w, W]
+    return torch.matmul(rows, torch.matmul(x, cols.transpose(0, 1)))
+
+
+def _averaging_matrix(n, m, like: torch.Tensor) -> torch.Tensor:
+    """[m, n]: row i is 1/len over PyTorch's i-th adaptive window of n inputs into m outputs, else 0."""
+    i = torch.arange(m, device=like.device)
+    start = torch.div(i * n, m, rounding_mode="floor")
+    end = torch.div((i + 1) * n + m - 1, m, rounding_mode="floor")
+    j = torch.arange(n, device=like.device)
+    inside = (j.unsqueeze(0) >= start.unsqueeze(1)) & (j.unsqueeze(0) < end.unsqueeze(1))
+    return inside.to(like.dtype) / (end - start).to(like.dtype).unsqueeze(1)
 
 
 def upsample_to(x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -97,8 +132,10 @@ class HighGather(nn.Module):
         self.conv = ConvBN(c_in, c_out, 1)
 
     def forward(self, p2: torch.Tensor, p3: torch.Tensor, p4: torch.Tensor, c5: torch.Tensor) -> torch.Tensor:
-        # P2 has stride 4, so the input is 4 * its size.
-        size = tuple(-(-4 * s // self.stride) for s in p2.shape[-2:])
+        # P2 has stride 4, so the input is 4 * its size. Ceil division as (n + d - 1) // d, the same
+        # integer as -(-n // d) but without a negative operand: exported graphs may compute // by
+        # truncation, which rounds a negative quotient the other way.
+        size = tuple((4 * s + self.stride - 1) // self.stride for s in p2.shape[-2:])
         return self.conv(torch.cat([pool_to(f, size) for f in (p2, p3, p4, c5)], dim=1))
 
 

@@ -1,0 +1,1 @@
+"""Deployment exports of a trained detector (ONNX); `launch/export.py` is the command line."""
