@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from adyolo.data.config import DataConfig
 from adyolo.data.dataset import FaceDataset, build_loader, list_images
 from adyolo.data.labels import LabelError, label_path_for
 from adyolo.data.synthetic import ensure_synthetic_dataset
+from adyolo.engine.accelerator import build_inference_accelerator, gather_objects
 from adyolo.engine.checkpoint import WeightsError, load_weights
 from adyolo.engine.tracking import Tracker, tracking_uri
 from adyolo.eval.evaluator import SIZE_DIFFICULTY, _xywh_score, predict, score
@@ -147,15 +143,10 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # Without CUDA, plain DDP must be asked for as CPU, or each process would believe it is alone.
-    accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        print(
-            f"error: the launcher started {launched} processes but accelerate runs {accelerator.num_processes}; "
-            "use an accelerate config without DeepSpeed, e.g. ds_configs/accelerate_ddp.yaml",
-            file=sys.stderr,
-        )
+    try:
+        accelerator = build_inference_accelerator(cpu=args.device == "cpu")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if args.device not in (None, "cpu") and accelerator.num_processes > 1:
         print(
@@ -178,7 +169,7 @@ def main() -> int:
 
     loader = accelerator.prepare(build_loader(dataset, args.batch, False, args.workers, seed=0))
     local = predict(model.to(device), loader, device, conf_threshold=args.conf, iou_threshold=args.iou)
-    gathered = gather_object(local)  # every process's (path, detections, truth); duplicates of padding included
+    gathered = gather_objects(local)  # every process's (path, detections, truth); duplicates of padding included
     if not accelerator.is_main_process:
         return 0
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import gather_object
 
 from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplit, micro_batch_candidates, split_global_batch
@@ -130,3 +131,24 @@ def _accelerator(train: TrainConfig, split: BatchSplit, precision: str, deepspee
             f"({accelerator.distributed_type.name}): the ranks would not share gradients"
         )
     return accelerator
+
+
+def build_inference_accelerator(cpu: bool) -> Accelerator:
+    """Data-parallel Accelerator for prediction (`launch/evaluate.py`): no DeepSpeed, no mixed precision.
+
+    Raises ValueError when the launcher started more processes than accelerate runs, as under a
+    DeepSpeed accelerate config (each process would evaluate the whole set alone)."""
+    # Without CUDA, plain DDP must be asked for as CPU, or each process would believe it is alone.
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
+    launched = Launch.from_environment().world_size
+    if accelerator.num_processes != launched:
+        raise ValueError(
+            f"the launcher started {launched} processes but accelerate runs {accelerator.num_processes}; "
+            "use an accelerate config without DeepSpeed, e.g. ds_configs/accelerate_ddp.yaml"
+        )
+    return accelerator
+
+
+def gather_objects(items: list) -> list:
+    """Every process's list of picklable items, concatenated in rank order, on every process."""
+    return gather_object(items)
