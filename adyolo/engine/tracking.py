@@ -37,6 +37,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _set_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri for this process only. MLflow also exports it as $MLFLOW_TRACKING_URI,
+    which every later child of this process (a training run started from the same Python process, a
+    test's subprocess) would inherit and log into; the environment is put back as it was."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def _run_exists(run_id: str) -> bool:
     try:
         mlflow.get_run(run_id)
@@ -61,7 +73,7 @@ class Tracker:
         self.run_id = run_id
         if not enabled:
             return
-        mlflow.set_tracking_uri(uri)
+        _set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
             artifacts = (Path(output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, split_global_batch
@@ -12,7 +15,7 @@ from adyolo.engine.config import OptimConfig
 from adyolo.engine.ema import ModelEMA
 from adyolo.engine.memory import per_rank_metrics
 from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
-from adyolo.engine.tracking import flatten
+from adyolo.engine.tracking import Tracker, flatten
 from adyolo.model import build_model
 
 
@@ -122,6 +125,21 @@ def test_memory_metrics_per_rank_and_max():
 
 def test_flatten_config():
     assert flatten({"a": 1, "b": {"c": [1, 2], "d": {"e": None}}}) == {"a": 1, "b.c": [1, 2], "b.d.e": None}
+
+
+def test_tracker_logs_to_its_store_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """A later subprocess (another run started from this process) must not log into this store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(True, uri, "parts", tmp_path, "one")
+    tracker.log_metrics({"loss": 1.5}, step=3)
+    tracker.finish()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("parts").experiment_id]
+    )
+    assert run.data.metrics == {"loss": 1.5} and run.info.run_name == "one"
 
 
 def test_auto_micro_batch_takes_the_largest_that_fits():
