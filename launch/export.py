@@ -20,8 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from adyolo.engine.checkpoint import WeightsError, load_weights
 from adyolo.export.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, check_image_size, check_inputs, check_onnx, export_onnx
 
@@ -72,7 +70,6 @@ def main() -> int:
         return 2
     out = Path(args.out) if args.out else weights.with_suffix(".onnx")
 
-    torch.set_grad_enabled(False)
     report = export_onnx(
         model, out, height, width, batch=args.batch, dynamic=args.dynamic, decode=args.decode, opset=args.opset
     )

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """Scripts run in the test process (tests/launch); one that switched autograd off globally would
+    break every later test far from the cause. Fail the test that did it instead."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd disabled (torch.set_grad_enabled(False) without restoring it)")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
