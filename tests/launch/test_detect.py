@@ -26,6 +26,10 @@ def detector(trained_run) -> Detector:
     return Detector(model, config["model"]["img_size"], CONF)
 
 
+def detect_args(trained_run, source, out) -> list:
+    return ["--weights", trained_run / "best.pt", "--source", source, "--out", out, "--conf", CONF, "--batch", 2]
+
+
 def boxes_and_points(record: dict) -> np.ndarray:
     """JSON detections -> [K, 15] x1 y1 x2 y2 score + 10 landmark coordinates."""
     rows = [[*d["box"], d["score"], *np.ravel(d["landmarks"])] for d in record["detections"]]
@@ -42,22 +46,7 @@ def test_folder_writes_pictures_and_json_in_original_pixels(trained_run, detecto
         cv2.imwrite(str(source / "sub" / f"{i}.png"), cv2.resize(image, None, fx=scale, fy=scale))
     (source / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
-    code = run_main(
-        detect,
-        "--weights",
-        trained_run / "best.pt",
-        "--source",
-        source,
-        "--out",
-        out,
-        "--conf",
-        CONF,
-        "--batch",
-        2,
-        "--device",
-        "cpu",
-        monkeypatch=monkeypatch,
-    )
+    code = run_main(detect, *detect_args(trained_run, source, out), "--device", "cpu", monkeypatch=monkeypatch)
     assert code == 0
     assert "skipping unreadable image" in capsys.readouterr().err
     result = json.loads((out / "detections.json").read_text())
@@ -82,20 +71,7 @@ def test_video_gives_an_annotated_video_and_per_frame_detections(trained_run, de
         writer.write(cv2.resize(frame, (w, h)))
     writer.release()
     out = tmp_path / "out"
-    code = run_main(
-        detect,
-        "--weights",
-        trained_run / "best.pt",
-        "--source",
-        video,
-        "--out",
-        out,
-        "--conf",
-        CONF,
-        "--batch",
-        2,
-        monkeypatch=monkeypatch,
-    )
+    code = run_main(detect, *detect_args(trained_run, video, out), monkeypatch=monkeypatch)
     assert code == 0
     result = json.loads((out / "clip.json").read_text())["video"]
     assert (result["width"], result["height"], result["fps"]) == (w, h, 5.0)
