@@ -137,8 +137,6 @@ def test_tracker_logs_to_its_store_and_leaves_the_environment_alone(tmp_path, mo
     assert "MLFLOW_TRACKING_URI" not in os.environ
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
-        [MlflowClient(tracking_uri=uri).get_experiment_by_name("parts").experiment_id]
-    )
     assert run.data.metrics == {"loss": 1.5} and run.info.run_name == "one"
 
 
