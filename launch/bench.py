@@ -215,12 +215,11 @@ def _train_steps(spec: dict, out: Path) -> dict | None:
     from adyolo.config import load_run_config
     from adyolo.engine.accelerator import build_accelerator
     from adyolo.engine.checkpoint import TrainingState
-    from adyolo.engine.ema import ModelEMA, zero3_gather
     from adyolo.engine.memory import FIELDS, snapshot
-    from adyolo.engine.optim import Schedule, build_optimizer
+    from adyolo.engine.optim import Schedule
+    from adyolo.engine.setup import prepare_training
     from adyolo.engine.tracking import Tracker
     from adyolo.engine.trainer import Trainer, TrainerParts, Window
-    from adyolo.loss.criterion import DetectionLoss
     from adyolo.model import build_model
 
     cfg = load_run_config(spec["config"], overrides(spec, spec))
@@ -231,30 +230,15 @@ def _train_steps(spec: dict, out: Path) -> dict | None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_budget_gib"] * GIB / total), device)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile()
-    loss_fn = DetectionLoss(cfg.loss, model.head.anchors, model.head.strides, cfg.model.num_classes)
-    optimizer = build_optimizer(model, cfg.optim, split.global_batch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    gather = {"gather": zero3_gather} if zero_stage == 3 else {}
-    ema = ModelEMA(
-        build_model(cfg.model).to(device),
-        accelerator.unwrap_model(model),
-        cfg.train.ema_decay,
-        cfg.train.ema_ramp,
-        **gather,
-    )
+    prepared = prepare_training(build_model(cfg.model), cfg, accelerator, split, zero_stage)
     parts = TrainerParts(
         accelerator,
-        model,
-        optimizer,
-        loss_fn,
+        prepared.model,
+        prepared.optimizer,
+        prepared.loss_fn,
         train_loader=None,
         val_loader=None,
-        ema=ema,
+        ema=prepared.ema,
         schedule=Schedule(cfg.optim, steps_per_epoch=1000, epochs=1),
         state=TrainingState(),
         tracker=Tracker(False, "", "", out),

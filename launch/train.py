@@ -18,7 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 from accelerate.utils import set_seed
 
@@ -28,11 +27,10 @@ from adyolo.engine.accelerator import build_accelerator
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.batching import BatchSplitError
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
-from adyolo.engine.ema import ModelEMA, zero3_gather
-from adyolo.engine.optim import Schedule, build_optimizer
+from adyolo.engine.optim import Schedule
+from adyolo.engine.setup import prepare_training
 from adyolo.engine.tracking import Tracker, flatten, tracking_uri
 from adyolo.engine.trainer import Trainer, TrainerParts, rank_placement
-from adyolo.loss.criterion import DetectionLoss
 from adyolo.model import build_model
 from adyolo.model.summary import summarize
 from adyolo.schema import ConfigError, to_dict
@@ -83,30 +81,14 @@ def main() -> int:
     train_loader = build_loader(train_set, split.micro_batch, True, cfg.data.workers, cfg.train.seed, drop_last=True)
     val_loader = build_loader(val_set, split.micro_batch, False, cfg.data.workers, cfg.train.seed)
 
-    # Model, identical on every rank; then loss and optimizer.
+    # Model, identical on every rank; then its wrapping, loss, optimizer and EMA.
     set_seed(cfg.train.seed)
     model = build_model(cfg.model)
     summary = summarize(model, cfg.model.img_size)
     accelerator.print(summary)
-    if cfg.train.sync_batchnorm and torch.cuda.is_available():
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile()  # in place: the state dict keys, EMA and checkpoints stay as they are
-    loss_fn = DetectionLoss(cfg.loss, model.head.anchors, model.head.strides, cfg.model.num_classes)
-    optimizer = build_optimizer(model, cfg.optim, split.global_batch)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    set_seed(cfg.train.seed, device_specific=True)  # per-rank streams for stochastic depth
-
-    gather = {"gather": zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
-    ema = ModelEMA(
-        build_model(cfg.model).to(accelerator.device),
-        accelerator.unwrap_model(model),
-        cfg.train.ema_decay,
-        cfg.train.ema_ramp,
-        **gather,
-    )
+    prepared = prepare_training(model, cfg, accelerator, split, zero_stage, (train_loader, val_loader))
+    model, optimizer, loss_fn, ema = prepared.model, prepared.optimizer, prepared.loss_fn, prepared.ema
+    train_loader, val_loader = prepared.loaders
     state = TrainingState()
     accelerator.register_for_checkpointing(state, ema)
     if args.resume:
