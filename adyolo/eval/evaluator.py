@@ -35,12 +35,9 @@ def predict(
     was_training = model.training
     model.eval()
     results = []
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for batch in loader:
-        images = batch["images"].to(device, non_blocking=True).float() / 255
-        with amp:
-            raw = model(images)
-        detections = postprocess(model.head.decode(raw), conf_threshold, iou_threshold)
+        images = batch["images"].to(device, non_blocking=True)
+        detections = detect_batch(model, images, autocast_dtype, conf_threshold, iou_threshold)
         targets = batch["targets"].cpu()
         for i, (dets, (ratio, pad_x, pad_y)) in enumerate(zip(detections, batch["letterbox"].tolist())):
             dets = unletterbox(dets.cpu(), ratio, pad_x, pad_y)
@@ -51,6 +48,22 @@ def predict(
             results.append((batch["paths"][i], dets.numpy(), gt.numpy()))
     model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def detect_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    conf_threshold: float = 0.02,
+    iou_threshold: float = 0.5,
+) -> list[torch.Tensor]:
+    """uint8 RGB network inputs [B, 3, S, S] on the model's device -> per image [K, 16] x1 y1 x2 y2
+    score landmarks cls in those (letterboxed) pixels. The model's mode is the caller's."""
+    amp = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with amp:
+        raw = model(images.float() / 255)
+    return postprocess(model.head.decode(raw), conf_threshold, iou_threshold)
 
 
 def score(predictions: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[dict[str, float], dict[str, PRCurve]]:

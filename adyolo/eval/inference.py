@@ -1,14 +1,13 @@
 """Inference on plain images: BGR arrays of any size in, detections in their own pixels out.
 
-The same steps as validation (`adyolo.eval.evaluator.predict`): letterbox to the model's square
-input, forward, `head.decode`, confidence filter + NMS, then map back to the original image. What
-validation gets from the dataset (letterboxing, the ratio and padding) is done here per image, so
-`launch/detect.py` only reads files and writes pictures and JSON.
+The same steps as validation (`adyolo.eval.evaluator.detect_batch`, which `predict` runs): letterbox
+to the model's square input, forward, `head.decode`, confidence filter + NMS, then map back to the
+original image. What validation gets from the dataset (letterboxing, the ratio and padding) is done
+here per image, so `launch/detect.py` only reads files and writes pictures and JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from torch import nn
 
 from adyolo.data.faces import Faces
 from adyolo.data.transforms import letterbox
-from adyolo.eval.postprocess import postprocess, unletterbox
+from adyolo.eval.evaluator import detect_batch
+from adyolo.eval.postprocess import unletterbox
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
@@ -59,16 +59,10 @@ class Detector:
     @torch.no_grad()
     def detect_letterboxed(self, images: torch.Tensor) -> list[torch.Tensor]:
         """uint8 [B, 3, S, S] RGB network inputs -> per image [K, 16] in those letterboxed pixels (on CPU)."""
-        x = images.to(self.device).float() / 255
-        amp = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else contextlib.nullcontext()
+        detections = detect_batch(
+            self.model, images.to(self.device), self.autocast_dtype, self.conf_threshold, self.iou_threshold
         )
-        with amp:
-            raw = self.model(x)
-        decoded = self.model.head.decode(raw)
-        return [d.cpu() for d in postprocess(decoded, self.conf_threshold, self.iou_threshold)]
+        return [d.cpu() for d in detections]
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         if not len(images):
