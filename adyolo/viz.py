@@ -8,30 +8,36 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from adyolo.layout import NUM_LANDMARKS, DetectionRow
+
 # Left eye, right eye, nose, left mouth corner, right mouth corner (BGR).
 POINT_COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255)]
+TRUTH_COLOUR = (255, 255, 255)
+DETECTION_COLOUR = (0, 200, 0)
+PIXELS_PER_LINE_WIDTH = 400  # lines grow one pixel thicker per this many pixels of the longer side
+FONT_SCALE_PER_LINE_WIDTH = 0.35
 
 
 def draw_detections(image: np.ndarray, detections: np.ndarray, truth_xywh: np.ndarray | None = None) -> np.ndarray:
-    """BGR image + [K, 16] detections (x1 y1 x2 y2 score, 10 landmark coordinates, class) -> a copy with
-    boxes, scores and landmarks drawn; ground-truth boxes [N, 4] (x y w h), if given, in white."""
+    """BGR image + [K, 16] detections (`DetectionRow`) -> a copy with boxes, scores and landmarks drawn;
+    ground-truth boxes [N, 4] (x y w h), if given, in white."""
     canvas = image.copy()
-    thickness = max(1, round(max(image.shape[:2]) / 400))
+    thickness = max(1, round(max(image.shape[:2]) / PIXELS_PER_LINE_WIDTH))
     for x, y, w, h in truth_xywh if truth_xywh is not None else []:
-        cv2.rectangle(canvas, (int(x), int(y)), (int(x + w), int(y + h)), (255, 255, 255), thickness)
+        cv2.rectangle(canvas, (int(x), int(y)), (int(x + w), int(y + h)), TRUTH_COLOUR, thickness)
     for det in detections:
-        x1, y1, x2, y2, score = det[:5]
-        cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), (0, 200, 0), thickness)
+        x1, y1, x2, y2 = det[DetectionRow.BOX]
+        cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), DETECTION_COLOUR, thickness)
         cv2.putText(
             canvas,
-            f"{score:.2f}",
-            (int(x1), max(10, int(y1) - 3)),
+            f"{det[DetectionRow.SCORE]:.2f}",
+            (int(x1), max(10, int(y1) - 3)),  # above the box, but inside the picture
             cv2.FONT_HERSHEY_SIMPLEX,
-            0.35 * thickness,
-            (0, 200, 0),
+            FONT_SCALE_PER_LINE_WIDTH * thickness,
+            DETECTION_COLOUR,
             thickness,
         )
-        for colour, (px, py) in zip(POINT_COLOURS, det[5:15].reshape(5, 2)):
+        for colour, (px, py) in zip(POINT_COLOURS, det[DetectionRow.LANDMARKS].reshape(NUM_LANDMARKS, 2)):
             cv2.circle(canvas, (int(px), int(py)), thickness + 1, colour, -1)
     return canvas
 

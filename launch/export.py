@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from adyolo.engine.checkpoint import WeightsError, load_weights
-from adyolo.export.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, check_image_size, check_inputs, check_onnx, export_onnx
+from adyolo.export.job import ExportRequest, InputError, export_weights
+from adyolo.export.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,35 +55,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    weights = Path(args.weights)
     try:
-        model, _config = load_weights(weights, "cpu")
-    except WeightsError as err:
-        print(f"error: --weights {err}", file=sys.stderr)
+        passed = export_weights(ExportRequest(**vars(args)))
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    height, width = (args.img * 2)[:2] if args.img else (model.cfg.img_size, model.cfg.img_size)
-    try:
-        check_image_size(height, width, args.dynamic)
-    except ValueError as err:
-        print(f"error: --img: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else weights.with_suffix(".onnx")
-
-    report = export_onnx(
-        model, out, height, width, batch=args.batch, dynamic=args.dynamic, decode=args.decode, opset=args.opset
-    )
-    shape = "x".join(map(str, report.input_shape))
-    print(
-        f"exported {report.path} ({report.size_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s): "
-        f"{model.cfg.fusion} fusion, opset {args.opset}, input images {shape}, "
-        f"outputs {', '.join(report.output_names)}"
-    )
-    if not args.check:
-        return 0
-    results = check_onnx(model, out, check_inputs(args.batch, height, width, args.dynamic), args.decode, args.tolerance)
-    for result in results:
-        print(result)
-    if not all(r.passed for r in results):
+    if not passed:
         print(f"error: ONNX Runtime and PyTorch disagree by more than {args.tolerance:.0e}", file=sys.stderr)
         return 1
     return 0

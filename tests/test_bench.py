@@ -1,10 +1,9 @@
-"""launch/bench.py: a grid of real training steps on CPU (through accelerate and DeepSpeed), its
-reports, and how a row's out-of-memory error, crash or hang becomes a result."""
+"""The benchmark (`adyolo.bench`, launch/bench.py): a grid of real training steps on CPU (through
+accelerate and DeepSpeed), its reports, and how a row's out-of-memory error, crash or hang becomes a
+result."""
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,21 +15,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from adyolo.bench import runner, worker
+from adyolo.bench.grid import GridError, expand_grid, label, parse_axes
+from adyolo.bench.report import target_checks
 from adyolo.model import ModelConfig, build_model
 from adyolo.model.summary import count_training_gflops
 from tests.engine.runs import environment
 
 BENCH = Path(__file__).parents[1] / "launch" / "bench.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 def _bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -55,7 +47,7 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = json.loads((out / "bench.json").read_text())
     rows = saved["rows"]
-    assert [bench.label(r) for r in rows] == [
+    assert [label(r) for r in rows] == [
         "full/sdpa fp32 ckpt=off ddp b4",
         "full/sdpa fp32 ckpt=off z2 b4",
         "efficient fp32 ckpt=off ddp b4",
@@ -98,62 +90,61 @@ def test_bad_grid_values_and_config_keys_stop_before_any_row(tmp_path):
 
 
 def test_grid_varies_attention_only_for_the_full_variant():
-    namespace = argparse.Namespace(
-        global_batch=[40],
-        fusion=["full", "efficient"],
-        attention=["sdpa", "explicit"],
-        precision=["bf16"],
-        checkpoint=["off", "all"],
-        zero=["0"],
-        channels_last=["off"],
-        compile=["off", "on"],
-    )
-    rows = bench.expand_grid(namespace)
-    names = [bench.label(r) for r in rows]
+    axes = {
+        "global_batch": "40",
+        "fusion": "full,efficient",
+        "attention": "sdpa,explicit",
+        "precision": "bf16",
+        "checkpoint": "off,all",
+        "zero": "0",
+        "channels_last": "off",
+        "compile": "off,on",
+    }
+    rows = expand_grid(parse_axes(axes))
+    names = [label(r) for r in rows]
     assert len(rows) == 12 and len(set(names)) == 12  # full: 2 x 2 x 2, efficient: 2 x 2
     assert sum(r["fusion"] == "efficient" for r in rows) == 4
     assert {r["attention"] for r in rows if r["fusion"] == "efficient"} == {"-"}
     assert "full/explicit bf16 ckpt=all ddp compile b40" in names
+    with pytest.raises(GridError, match="--zero: unknown '4'; choose from 0, 1, 2, 2_offload, 3"):
+        parse_axes({**axes, "zero": "0,4", "global_batch": "40"})
+    with pytest.raises(GridError, match="--global-batch takes positive integers, got 40,0"):
+        parse_axes({**axes, "zero": "0", "global_batch": "40,0"})
 
 
 def test_an_out_of_memory_rank_records_the_row_as_oom(tmp_path, monkeypatch):
     def exhausted(spec, out):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.93 GiB\nmore detail")
 
-    monkeypatch.setattr(bench, "_train_steps", exhausted)
+    monkeypatch.setattr(worker, "train_steps", exhausted)
     monkeypatch.setenv("RANK", "1")
-    assert bench.measure({}, tmp_path) == bench.EXIT_OOM
-    result = bench.collect(tmp_path, bench.EXIT_OOM)
+    assert worker.measure({}, tmp_path) == runner.EXIT_OOM
+    result = runner.collect(tmp_path, runner.EXIT_OOM)
     assert result == {"oom": "CUDA out of memory. Tried to allocate 23.93 GiB", "oom_rank": 1}
 
     def broken(spec, out):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(bench, "_train_steps", broken)
+    monkeypatch.setattr(worker, "train_steps", broken)
     with pytest.raises(RuntimeError, match="illegal memory access"):  # not an OOM: a real failure
-        bench.measure({}, tmp_path / "other")
+        worker.measure({}, tmp_path / "other")
 
 
-def test_a_crashed_or_hung_row_is_reported_with_its_cause(tmp_path):
+def test_a_crashed_or_hung_row_is_reported_with_its_cause(tmp_path, monkeypatch):
     (tmp_path / "log.txt").write_text(
         "[rank0]: Traceback (most recent call last):\n"
         "[rank0]: ValueError: Expected more than 1 value per channel when training\n"
         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
     )
-    assert bench.collect(tmp_path, 1) == {
+    assert runner.collect(tmp_path, 1) == {
         "error": "exit 1: [rank0]: ValueError: Expected more than 1 value per channel when training"
     }
-    assert bench.collect(tmp_path, None) == {"error": "timed out"}
+    assert runner.collect(tmp_path, None) == {"error": "timed out"}
 
     hang = {"fusion": "efficient", "zero": "0"}
-    common = {"gpus": 1}
     command = [sys.executable, "-c", "import time; time.sleep(60)"]
-    original = bench.launch_command
-    try:
-        bench.launch_command = lambda row, common, row_dir: command
-        result = bench.run_row(hang, common, tmp_path / "row", timeout_s=1)
-    finally:
-        bench.launch_command = original
+    monkeypatch.setattr(runner, "launch_command", lambda row, common, row_dir: command)
+    result = runner.run_row(hang, {"gpus": 1}, tmp_path / "row", timeout_s=1)
     assert result["error"] == "timed out"
 
 
@@ -180,7 +171,7 @@ def test_targets_are_read_off_matching_rows():
         _row("full", "explicit", "fp32", 30.0, 20.0, global_batch=8),
         _row("efficient", "-", "bf16", 120.0, 3.0, global_batch=8),
     ]
-    checks = "\n".join(bench.target_checks(rows, [{"workers": 8, "images_per_s": 110.0}], budget_gib=0.0))
+    checks = "\n".join(target_checks(rows, [{"workers": 8, "images_per_s": 110.0}], budget_gib=0.0))
     assert (
         "peak memory <= 1.3x efficient: 1.30x" in checks and "1.30x (full/sdpa bf16 ckpt=off ddp b40) - met" in checks
     )
@@ -190,6 +181,6 @@ def test_targets_are_read_off_matching_rows():
     assert "loader keeps up: 110 img/s vs fastest training 120 img/s - NOT met" in checks
 
     rows[0]["peak_allocated_gib"] = 14.0
-    checks = "\n".join(bench.target_checks(rows, [], budget_gib=0.0))
+    checks = "\n".join(target_checks(rows, [], budget_gib=0.0))
     assert "1.40x (full/sdpa bf16 ckpt=off ddp b40) - NOT met" in checks
     assert "loader" not in checks

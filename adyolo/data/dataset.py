@@ -2,7 +2,7 @@
 
 A sample is a dict:
     image      uint8 [3, S, S] RGB (S = img_size); the network input is image / 255
-    targets    float32 [N, 15]: class, cx, cy, w, h, 5 x (x, y) in pixels of `image`; -1 = missing point
+    targets    float32 [N, 15] `LabelRow`: class, cx, cy, w, h, 5 x (x, y) in pixels of `image`; -1 = missing point
     index      the item asked for
     skipped    unreadable images replaced while building this sample (each warned about once)
     letterbox  (ratio, pad_x, pad_y): original = (sample - pad) / ratio; (1, 0, 0) for mosaics
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from adyolo.data.batch import collate
 from adyolo.data.config import DataConfig
 from adyolo.data.faces import Faces
 from adyolo.data.labels import LabelError, label_path_for, read_label_file
@@ -136,26 +137,6 @@ class FaceDataset(Dataset):
         raise RuntimeError(f"none of the {len(self)} images can be read (first: {self.image_paths[0]})")
 
 
-def collate(samples: list[dict]) -> dict:
-    """Samples -> a batch:
-    images    uint8 [B, 3, S, S]
-    targets   float32 [M, 16]: image index in the batch, class, cx, cy, w, h, 10 landmark coordinates (pixels)
-    skipped   int, unreadable images replaced in this batch
-    indices   int64 [B], letterbox float32 [B, 3], paths list[str]
-    """
-    targets = [
-        torch.cat([torch.full((len(s["targets"]), 1), float(i)), s["targets"]], dim=1) for i, s in enumerate(samples)
-    ]
-    return {
-        "images": torch.stack([s["image"] for s in samples]),
-        "targets": torch.cat(targets) if targets else torch.zeros(0, 16),
-        "skipped": sum(s["skipped"] for s in samples),
-        "indices": torch.tensor([s["index"] for s in samples]),
-        "letterbox": torch.tensor([s["letterbox"] for s in samples], dtype=torch.float32),
-        "paths": [s["path"] for s in samples],
-    }
-
-
 def _worker_init(worker_id: int) -> None:
     # OpenCV's own thread pool in every worker oversubscribes the cores.
     cv2.setNumThreads(0)
@@ -190,4 +171,4 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDatas
     return train, val
 
 
-__all__ = ["FaceDataset", "LabelError", "build_datasets", "build_loader", "collate", "list_images"]
+__all__ = ["FaceDataset", "LabelError", "build_datasets", "build_loader", "list_images"]

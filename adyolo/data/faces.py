@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adyolo.data.labels import MISSING, NUM_COLUMNS
+from adyolo.layout import MISSING_COORD, NUM_LANDMARKS, LabelRow
 
-NUM_POINTS = 5
+NUM_POINTS = NUM_LANDMARKS
 # Horizontal flip turns the left eye into the right one and the left mouth corner into the right one.
 FLIP_ORDER = [1, 0, 2, 4, 3]
 
@@ -26,15 +26,15 @@ class Faces:
     @classmethod
     def from_labels(cls, labels: np.ndarray, width: int, height: int) -> Faces:
         """Normalised label rows [N, 15] (see adyolo.data.labels) -> pixels."""
-        labels = np.asarray(labels, np.float32).reshape(-1, NUM_COLUMNS)
+        labels = np.asarray(labels, np.float32).reshape(-1, LabelRow.COLUMNS)
         scale = np.array([width, height], np.float32)
-        centre, size = labels[:, 1:3] * scale, labels[:, 3:5] * scale
-        points = labels[:, 5:].reshape(-1, NUM_POINTS, 2) * scale
+        centre, size = labels[:, LabelRow.CENTRE] * scale, labels[:, LabelRow.SIZE] * scale
+        points = labels[:, LabelRow.LANDMARKS].reshape(-1, NUM_POINTS, 2) * scale
         # A point is missing when either coordinate is negative (-1 in the file).
-        missing = (labels[:, 5:].reshape(-1, NUM_POINTS, 2) < 0).any(axis=-1)
+        missing = (labels[:, LabelRow.LANDMARKS].reshape(-1, NUM_POINTS, 2) < 0).any(axis=-1)
         points[missing] = np.nan
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-        return cls(labels[:, 0].astype(np.int64), boxes, points)
+        return cls(labels[:, LabelRow.CLASS].astype(np.int64), boxes, points)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -75,10 +75,10 @@ class Faces:
         return Faces(self.classes[keep], boxes[keep], points[keep])
 
     def to_targets(self) -> np.ndarray:
-        """[N, 15] float32: class, cx, cy, w, h, 5 x (x, y) in pixels; -1 for missing points."""
+        """[N, 15] float32 `LabelRow` in pixels: class, cx, cy, w, h, 5 x (x, y); -1 for missing points."""
         centre = (self.boxes[:, :2] + self.boxes[:, 2:]) / 2
         size = self.boxes[:, 2:] - self.boxes[:, :2]
-        points = np.nan_to_num(self.points.reshape(-1, 2 * NUM_POINTS), nan=MISSING)
+        points = np.nan_to_num(self.points.reshape(-1, 2 * NUM_POINTS), nan=MISSING_COORD)
         return np.concatenate([self.classes[:, None].astype(np.float32), centre, size, points], axis=1).astype(
             np.float32
         )

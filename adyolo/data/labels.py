@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-NUM_COLUMNS = 15  # class, 4 box, 10 landmark coordinates
-BOX_ONLY_COLUMNS = 5
-MISSING = -1.0
+from adyolo.layout import MISSING_COORD, LabelRow
+
+# A label line: `LabelRow` (class, 4 box, 10 landmark coordinates), or its first 5 values.
+NUM_COLUMNS = LabelRow.COLUMNS
+BOX_ONLY_COLUMNS = LabelRow.BOX_ONLY_COLUMNS
+MISSING = MISSING_COORD
 
 
 class LabelError(ValueError):
@@ -30,7 +33,7 @@ class LabelError(ValueError):
 
 @dataclass
 class LabelFile:
-    labels: np.ndarray  # [N, 15] float32: cls, cx, cy, w, h, 5 x (x, y); normalised; -1 for missing points
+    labels: np.ndarray  # [N, 15] float32 `LabelRow`, normalised; -1 for missing points
     skipped_lines: list[int]  # 1-based line numbers dropped under skip_bad_labels
 
 

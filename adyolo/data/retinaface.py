@@ -29,10 +29,11 @@ import cv2
 import numpy as np
 
 from adyolo.data.labels import MISSING, NUM_COLUMNS, label_path_for, write_label_file
+from adyolo.layout import NUM_LANDMARKS, LabelRow
 
 LABEL_FILE_NAME = "label.txt"
 IMAGES_DIR_NAME = "images"
-NUM_POINTS = 5
+NUM_POINTS = NUM_LANDMARKS
 BOX_ONLY_VALUES = 4  # x y w h
 FULL_VALUES = 20  # x y w h, 5 x (lx ly flag), score
 # Parsed face: x, y, w, h, then 5 x (lx, ly) in pixels; -1 for a missing landmark point.
@@ -186,17 +187,15 @@ def to_yolo_rows(faces: np.ndarray, width: int, height: int) -> tuple[np.ndarray
     keep = (x2 - x1 >= 1) & (y2 - y1 >= 1)
     x1, y1, x2, y2, points = x1[keep], y1[keep], x2[keep], y2[keep], faces[keep, 4:]
 
-    rows = np.empty((len(x1), NUM_COLUMNS), np.float64)
-    rows[:, 0] = FACE_CLASS
-    rows[:, 1] = (x1 + x2) / 2 / width
-    rows[:, 2] = (y1 + y2) / 2 / height
-    rows[:, 3] = (x2 - x1) / width
-    rows[:, 4] = (y2 - y1) / height
+    rows = np.empty((len(x1), NUM_COLUMNS), np.float64)  # `LabelRow`, normalised
+    rows[:, LabelRow.CLASS] = FACE_CLASS
+    rows[:, LabelRow.CENTRE] = np.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height], axis=1)
+    rows[:, LabelRow.SIZE] = np.stack([(x2 - x1) / width, (y2 - y1) / height], axis=1)
     points = points.reshape(-1, NUM_POINTS, 2)
     missing = (points < 0).any(axis=-1)
     normalised = points / np.array([width, height], np.float64)
     normalised[missing] = MISSING
-    rows[:, 5:] = normalised.reshape(-1, 2 * NUM_POINTS)
+    rows[:, LabelRow.LANDMARKS] = normalised.reshape(-1, 2 * NUM_POINTS)
     return rows.astype(np.float32), int((~keep).sum())
 
 
@@ -306,3 +305,52 @@ def copy_ground_truth(gt_dir: str | Path, out_val_dir: str | Path) -> list[Path]
     for source in find_ground_truth(gt_dir):
         copies.append(Path(shutil.copy2(source, target_dir / source.name)))
     return copies
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole conversion (launch/prepare_widerface.py)
+
+
+def check_conversion(src: Path, out: Path, splits: list[str], workers: int, gt_dir: Path | None) -> None:
+    """Every check that needs no conversion work, so a mistake fails at once: ValueError naming it."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    for split in splits:
+        label_file = src / split / LABEL_FILE_NAME
+        if not label_file.is_file():
+            raise ValueError(f"{label_file} not found; {LAYOUT_HELP}")
+        images_dir = src / split / IMAGES_DIR_NAME
+        if not images_dir.is_dir():
+            raise ValueError(f"{images_dir} is not a folder; {LAYOUT_HELP}")
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from --src: the output has its own images/ and labels/ folders")
+    if gt_dir is not None:
+        if "val" not in splits:
+            raise ValueError("--gt-mat belongs to the val split; add val to --splits")
+        try:
+            find_ground_truth(gt_dir)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+
+
+def prepare_widerface(
+    src: Path, out: Path, splits: list[str], copy: bool, workers: int, gt_dir: Path | None = None
+) -> None:
+    """Check, then convert each split of `src` into `out` (printing a summary per split) and copy the
+    official ground truth beside the val split. Raises ValueError (a bad argument, before any work) or
+    RetinaFaceLabelError (a malformed label.txt, naming file:line, before that split is written)."""
+    splits = list(dict.fromkeys(splits))  # drop repeats, keep the order given
+    check_conversion(src, out, splits, workers, gt_dir)
+    for split in splits:
+        print(convert_split(src / split, out / split, copy=copy, workers=workers).describe())
+        if split != "val":
+            continue
+        if gt_dir is None:
+            print(
+                "note: no --gt-mat given; evaluation will fall back to size-based difficulty instead of the "
+                f"official easy / medium / hard subsets (pass the eval_tools {GROUND_TRUTH_DIR_NAME}/ folder)"
+            )
+        else:
+            copies = copy_ground_truth(gt_dir, out / split)
+            print(f"val: copied {len(copies)} ground-truth files to {copies[0].parent}")
+    print(f"dataset written to {out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
 
 from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplit, micro_batch_candidates, split_global_batch
@@ -133,22 +135,53 @@ def _accelerator(train: TrainConfig, split: BatchSplit, precision: str, deepspee
     return accelerator
 
 
-def build_inference_accelerator(cpu: bool) -> Accelerator:
-    """Data-parallel Accelerator for prediction (`launch/evaluate.py`): no DeepSpeed, no mixed precision.
+class InferenceProcesses:
+    """Data-parallel prediction over the processes `accelerate launch` started (or this one alone):
+    each process predicts its shard, the main one gets everything. No DeepSpeed, no mixed precision.
 
     Raises ValueError when the launcher started more processes than accelerate runs, as under a
     DeepSpeed accelerate config (each process would evaluate the whole set alone)."""
-    # Without CUDA, plain DDP must be asked for as CPU, or each process would believe it is alone.
-    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
-    launched = Launch.from_environment().world_size
-    if accelerator.num_processes != launched:
-        raise ValueError(
-            f"the launcher started {launched} processes but accelerate runs {accelerator.num_processes}; "
-            "use an accelerate config without DeepSpeed, e.g. ds_configs/accelerate_ddp.yaml"
-        )
-    return accelerator
+
+    def __init__(self, cpu: bool):
+        # Without CUDA, plain DDP must be asked for as CPU, or each process would believe it is alone.
+        self.accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
+        launched = Launch.from_environment().world_size
+        if self.accelerator.num_processes != launched:
+            raise ValueError(
+                f"the launcher started {launched} processes but accelerate runs {self.accelerator.num_processes}; "
+                "use an accelerate config without DeepSpeed, e.g. ds_configs/accelerate_ddp.yaml"
+            )
+        self.device = self.accelerator.device
+        self.num_processes = self.accelerator.num_processes
+        self.is_main_process = self.accelerator.is_main_process
+
+    def main_process_first(self):
+        """A context: the main process runs it first (e.g. to generate data), then the others."""
+        return self.accelerator.main_process_first()
+
+    def shard(self, loader: DataLoader) -> DataLoader:
+        """This process's share of `loader` (the last batches padded with repeats to equal length)."""
+        return self.accelerator.prepare(loader)
+
+    def gather(self, items: list) -> list:
+        """Every process's list of picklable items, concatenated in rank order, on every process."""
+        return gather_object(items)
+
+    def close(self) -> None:
+        # Every rank passes its last collective before any tears the process group down: a gloo rank
+        # that exits while its peer still holds the group aborts at interpreter exit.
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
 
-def gather_objects(items: list) -> list:
-    """Every process's list of picklable items, concatenated in rank order, on every process."""
-    return gather_object(items)
+def rank_placement(accelerator: Accelerator) -> dict[str, str]:
+    """{"rank{r}.host": ..., "rank{r}.local_rank": ..., "rank{r}.device": ...} for every rank (a collective)."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    here = (accelerator.process_index, socket.gethostname(), accelerator.local_process_index, f"{device} ({name})")
+    tags = {}
+    for rank, host, local, dev in gather_object([here]):
+        tags[f"rank{rank}.host"] = host
+        tags[f"rank{rank}.local_rank"] = str(local)
+        tags[f"rank{rank}.device"] = dev
+    return tags

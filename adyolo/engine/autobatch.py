@@ -1,21 +1,26 @@
 """`train.micro_batch: auto`: the largest micro-batch whose training step fits the GPU.
 
 Candidates are the divisors of the per-rank batch, largest first, so the global batch stays
-exact and accumulation makes up the rest. Each probe runs a real forward, loss and backward at
-that size with 10% of the memory held back for the optimizer state, EMA and fragmentation.
+exact and accumulation makes up the rest. Each candidate is probed with one real optimizer step,
+`TrainStep` on a bare model (forward, loss, backward, optimizer step with its state, EMA update), on a
+synthetic batch, with this process limited to `train.auto_batch_memory_fraction` of the GPU. The rest
+is held back for what one bare step does not allocate: DDP's gradient buckets or DeepSpeed's
+partitions and communication buffers, the loader's pinned batches, fragmentation over a long run.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
-from adyolo.loss.criterion import DetectionLoss
-from adyolo.model import build_model
-
-HEADROOM = 0.9
+from adyolo.data.batch import synthetic_batch
+from adyolo.engine.config import OptimConfig, TrainConfig
+from adyolo.engine.setup import bare_step
+from adyolo.loss.config import LossConfig
+from adyolo.model import ModelConfig
 
 
 def largest_fitting(candidates: Sequence[int], fits: Callable[[int], None]) -> int:
@@ -33,27 +38,23 @@ def largest_fitting(candidates: Sequence[int], fits: Callable[[int], None]) -> i
     )
 
 
-def probe_step(model_cfg, loss_cfg, img_size: int, precision: str, device: torch.device) -> Callable[[int], None]:
-    """A function that runs one training step of `model_cfg` at a given micro-batch on `device`."""
+def probe_step(
+    model_cfg: ModelConfig, loss_cfg: LossConfig, optim: OptimConfig, train: TrainConfig
+) -> Callable[[str, torch.device], Callable[[int], None]]:
+    """For `build_accelerator`: (precision, device) -> a function that runs one optimizer step of this
+    configuration at a given micro-batch on `device`, raising `torch.OutOfMemoryError` if it does not fit."""
 
-    def fits(micro: int) -> None:
-        torch.cuda.set_per_process_memory_fraction(HEADROOM, device)
-        try:
-            model = build_model(model_cfg).to(device).train()
-            loss_fn = DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes)
-            images = torch.rand(micro, 3, img_size, img_size, device=device)
-            # Faces at every scale in every image, so the loss takes its full path.
-            sizes = torch.tensor([8.0, 24.0, 64.0, 160.0], device=device).clamp(max=img_size / 2)
-            targets = torch.zeros(micro * len(sizes), 16, device=device)
-            targets[:, 0] = torch.arange(micro, device=device).repeat_interleave(len(sizes)).float()
-            targets[:, 2:4] = img_size / 2
-            targets[:, 4] = targets[:, 5] = sizes.repeat(micro)
-            targets[:, 6:] = img_size / 2
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                raw = model(images)
-            loss_fn(raw, targets)["total"].backward()
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-            torch.cuda.empty_cache()
+    def probe(precision: str, device: torch.device) -> Callable[[int], None]:
+        def fits(micro: int) -> None:
+            torch.cuda.set_per_process_memory_fraction(train.auto_batch_memory_fraction, device)
+            try:
+                dtype = torch.bfloat16 if precision == "bf16" else None
+                step = bare_step(model_cfg, loss_cfg, optim, train, device, dtype)
+                step.run_window(itertools.repeat(synthetic_batch(micro, model_cfg.img_size, device)), step=0)
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+                torch.cuda.empty_cache()
 
-    return fits
+        return fits
+
+    return probe

@@ -48,6 +48,9 @@ class TrainConfig:
     """Images per optimizer step across all ranks = micro_batch x ranks x accumulation."""
     micro_batch: int | Literal["auto"] | None = None
     """Images per rank per forward pass. None: global_batch / ranks. "auto": the largest that fits the GPU."""
+    auto_batch_memory_fraction: float = 0.9
+    """micro_batch auto: the share of the GPU one probe step may use; the rest is held back for what a
+    bare step on one GPU does not allocate (DDP buckets, ZeRO buffers, pinned batches, fragmentation)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA, fp32 on CPU, or the
     DeepSpeed JSON's choice; under DeepSpeed an explicit value must agree with the JSON."""
@@ -56,8 +59,10 @@ class TrainConfig:
     ema_ramp: float = 2000.0
     eval_interval: int = 1
     """Evaluate the EMA weights every this many epochs (and after the last)."""
+    fitness: Literal["ap_hard", "ap_medium", "ap_easy", "map50"] = "ap_hard"
+    """The validation metric that picks best.pt and drives early stopping."""
     patience: int = 30
-    """Stop when ap_hard has not improved for this many evaluations (0: never)."""
+    """Stop when `fitness` has not improved for this many evaluations (0: never)."""
     seed: int = 0
     """Seeds model init, data order and augmentation (per rank and worker)."""
     log_interval: int = 10
@@ -87,6 +92,8 @@ class TrainConfig:
         for key in ("eval_interval", "log_interval", "max_nonfinite_steps", "timeout_s", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"{getattr(self, key)} must be at least 1")
+        if not 0 < self.auto_batch_memory_fraction <= 1:
+            raise ConfigError("auto_batch_memory_fraction", f"{self.auto_batch_memory_fraction} must be in (0, 1]")
         if not 0 < self.ema_decay < 1:
             raise ConfigError("ema_decay", f"{self.ema_decay} must be in (0, 1)")
 

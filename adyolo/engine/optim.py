@@ -15,6 +15,7 @@ from torch import nn
 from adyolo.engine.config import OptimConfig
 
 NOMINAL_BATCH = 64  # YOLOv5 scales weight decay by batch / 64
+ADAMW_BETA2 = 0.999  # PyTorch's default; beta1 is `momentum`, as YOLOv5 does
 
 # param_groups order produced by `build_optimizer`
 DECAY, NO_DECAY, BIAS = 0, 1, 2
@@ -39,7 +40,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, ADAMW_BETA2))
 
 
 class Schedule:

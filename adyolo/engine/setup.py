@@ -1,8 +1,6 @@
-"""The training objects around a built detector, as `launch/train.py` trains it and `launch/bench.py` times it.
-
-One place, so that the benchmark measures exactly the model wrapping (SyncBatchNorm, channels_last,
-torch.compile), loss, optimizer, Accelerate/DeepSpeed preparation and EMA that training uses.
-"""
+"""The training objects around a built detector: its wrapping, loss, optimizer, Accelerate/DeepSpeed
+preparation, EMA and the training step. One place, so that what `launch/train.py` trains is what
+`launch/bench.py` times."""
 
 from __future__ import annotations
 
@@ -11,51 +9,115 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
 
-from adyolo.config import RunConfig
 from adyolo.engine.batching import BatchSplit
+from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA, zero3_gather
-from adyolo.engine.optim import build_optimizer
+from adyolo.engine.optim import Schedule, build_optimizer
+from adyolo.engine.step import TrainStep
+from adyolo.loss.config import LossConfig
 from adyolo.loss.criterion import DetectionLoss
-from adyolo.model import build_model
+from adyolo.model import ModelConfig, build_model
+
+
+def seeded_model(model_cfg: ModelConfig, seed: int) -> nn.Module:
+    """The detector built from `seed`'s random streams (Python, NumPy, torch): identical on every rank."""
+    set_seed(seed)
+    return build_model(model_cfg)
+
+
+def configure_model(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """SyncBatchNorm, channels_last and torch.compile as `train` asks (compile is in place: the state
+    dict keys, the EMA and checkpoints stay as they are)."""
+    if train.sync_batchnorm and torch.cuda.is_available():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if train.compile:
+        model.compile()
+    return model
 
 
 @dataclass
 class PreparedTraining:
-    model: torch.nn.Module  # prepared (DDP / DeepSpeed engine / bare)
-    optimizer: torch.optim.Optimizer  # prepared
-    loss_fn: DetectionLoss
-    ema: ModelEMA
-    loaders: list  # prepared, in the order given
+    step: TrainStep  # over the prepared model and optimizer, with the loss, schedule and EMA
+    train_loader: DataLoader | None  # prepared (sharded over the ranks)
+    val_loader: DataLoader | None
 
 
 def prepare_training(
-    model: torch.nn.Module,
-    cfg: RunConfig,
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
     accelerator: Accelerator,
     split: BatchSplit,
     zero_stage: int,
-    loaders: tuple = (),
+    epochs: int,
+    train_loader: DataLoader | None = None,
+    val_loader: DataLoader | None = None,
+    steps_per_epoch: int | None = None,
 ) -> PreparedTraining:
-    """Wrap `model` (freshly built, identical on every rank) as the config asks, build its loss and
-    optimizer, let the accelerator prepare them with `loaders`, and start the EMA from its weights."""
-    if cfg.train.sync_batchnorm and torch.cuda.is_available():
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile()  # in place: the state dict keys, EMA and checkpoints stay as they are
-    loss_fn = DetectionLoss(cfg.loss, model.head.anchors, model.head.strides, cfg.model.num_classes)
-    optimizer = build_optimizer(model, cfg.optim, split.global_batch)
+    """Wrap `model` (freshly built from `model_cfg`, identical on every rank), build its loss and
+    optimizer, let the accelerator prepare them with the loaders, start the EMA from its weights.
+
+    The learning-rate schedule spans `epochs` of the prepared training loader's optimizer steps (or
+    `steps_per_epoch` of them, without a training loader)."""
+    model = configure_model(model, train)
+    loss_fn = DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes)
+    optimizer = build_optimizer(model, optim, split.global_batch)
+    loaders = [loader for loader in (train_loader, val_loader) if loader is not None]
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
-    set_seed(cfg.train.seed, device_specific=True)  # per-rank streams for stochastic depth
+    prepared = iter(loaders)
+    train_loader = next(prepared) if train_loader is not None else None
+    val_loader = next(prepared) if val_loader is not None else None
+    set_seed(train.seed, device_specific=True)  # per-rank streams for stochastic depth
 
     gather = {"gather": zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
     ema = ModelEMA(
-        build_model(cfg.model).to(accelerator.device),
+        build_model(model_cfg).to(accelerator.device),
         accelerator.unwrap_model(model),
-        cfg.train.ema_decay,
-        cfg.train.ema_ramp,
+        train.ema_decay,
+        train.ema_ramp,
         **gather,
     )
-    return PreparedTraining(model, optimizer, loss_fn, ema, list(loaders))
+    if train_loader is not None:
+        steps_per_epoch = len(train_loader) // split.accumulation
+    step = TrainStep(
+        model,
+        optimizer,
+        loss_fn,
+        Schedule(optim, steps_per_epoch, epochs),
+        grad_clip=optim.grad_clip,
+        ema=ema,
+        channels_last=train.channels_last,
+        accelerator=accelerator,
+    )
+    return PreparedTraining(step, train_loader, val_loader)
+
+
+def bare_step(
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> TrainStep:
+    """A training step of a freshly built model in this process alone, without an Accelerator: the
+    same wrapping, loss, optimizer, schedule and EMA as `prepare_training`, one micro-batch per window.
+    What the micro-batch probe and `launch/model_info.py` run."""
+    model = configure_model(build_model(model_cfg).to(device), train)
+    return TrainStep(
+        model,
+        build_optimizer(model, optim, train.global_batch),
+        DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes),
+        Schedule(optim, steps_per_epoch=1, epochs=1),
+        grad_clip=optim.grad_clip,
+        ema=ModelEMA(build_model(model_cfg).to(device), model, train.ema_decay, train.ema_ramp),
+        channels_last=train.channels_last,
+        autocast_dtype=autocast_dtype,
+    )

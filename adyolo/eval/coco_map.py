@@ -1,8 +1,8 @@
 """Generic single-class mAP@0.5 (COCO protocol via pycocotools) for any dataset in our format.
 
-Unlike `widerface_ap` this needs no difficulty lists: every ground-truth face counts, matching is
-COCO's greedy one-to-one matching at IoU >= 0.5, and AP is the 101-recall-point interpolated
-precision. The COCO objects are built in memory; nothing is written to disk.
+Unlike the WIDER FACE protocol (`widerface.protocol`) this needs no difficulty lists: every ground-truth
+face counts, matching is COCO's greedy one-to-one matching at IoU >= 0.5, and AP is the 101-recall-point
+interpolated precision. The COCO objects are built in memory; nothing is written to disk.
 """
 
 from __future__ import annotations

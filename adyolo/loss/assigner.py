@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adyolo.layout import TargetRow
+
 # Centre cell, then the cell to the left, above, right and below.
 _OFFSETS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32)
 _NEIGHBOUR_MARGIN = 0.5
@@ -39,7 +41,7 @@ def assign(
     grid_shapes: list[tuple[int, int]],
     anchor_t: float,
 ) -> list[LevelTargets]:
-    """targets [M, 16] (image, class, cx, cy, w, h, 10 landmark coordinates; pixels, -1 = missing),
+    """targets [M, 16] (`TargetRow`: image, class, cx, cy, w, h, 10 landmark coordinates; pixels, -1 = missing),
     anchors_px [L, A, 2], strides [L], grid_shapes [(H, W)] per level -> one LevelTargets per level."""
     device = targets.device
     offsets = _OFFSETS.to(device)
@@ -49,8 +51,8 @@ def assign(
         anchor_wh = anchors_px[level].to(device) / stride  # [A, 2]
         grid_size = torch.tensor([grid_w, grid_h], device=device, dtype=targets.dtype)
         # Every face paired with every anchor: [A, M, ...].
-        centre = targets[:, 2:4] / stride
-        size = targets[:, 4:6] / stride
+        centre = targets[:, TargetRow.CENTRE] / stride
+        size = targets[:, TargetRow.SIZE] / stride
         ratio = size[None] / anchor_wh[:, None]
         fits = torch.max(ratio, 1 / ratio).amax(dim=2) < anchor_t  # [A, M]
         anchor_idx, face_idx = fits.nonzero(as_tuple=True)
@@ -68,12 +70,12 @@ def assign(
         cell[:, 1].clamp_(0, grid_h - 1)
 
         faces = face_idx[match]
-        points = targets[faces, 6:16]
+        points = targets[faces, TargetRow.LANDMARKS]
         mask = points >= 0  # -1 marks a missing coordinate
         points_grid = points.view(-1, 5, 2) / stride - cell[:, None].to(points.dtype)
         results.append(
             LevelTargets(
-                image=targets[faces, 0].long(),
+                image=targets[faces, TargetRow.IMAGE].long(),
                 anchor=anchor_idx[match],
                 cell_y=cell[:, 1],
                 cell_x=cell[:, 0],
@@ -81,7 +83,7 @@ def assign(
                 anchor_wh=anchor_wh[anchor_idx[match]],
                 landmarks=points_grid.view(-1, 10),
                 landmark_mask=mask.view(-1, 5, 2).all(dim=2, keepdim=True).expand(-1, 5, 2).reshape(-1, 10),
-                cls=targets[faces, 1].long(),
+                cls=targets[faces, TargetRow.CLASS].long(),
             )
         )
     return results

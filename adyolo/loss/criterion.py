@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adyolo.layout import NUM_LANDMARKS, AnchorOutput
 from adyolo.loss.assigner import assign
 from adyolo.loss.config import LossConfig
 from adyolo.loss.terms import ciou_loss, wing_loss
 
-OBJ, LANDMARKS, CLASSES = 4, slice(5, 15), 15
 MIN_SIZE = 1e-3  # grid cells
+# YOLOv5 (v2-v4 loss.py) scales the loss gains, tuned for 3 output levels, by 3 / levels, and gives
+# objectness this extra factor when there are 4 levels (its P3-P6 models); our head has 4 (P2-P5).
+REFERENCE_LEVELS = 3
+FOUR_LEVEL_OBJ_GAIN = 1.4
 
 
 class DetectionLoss:
-    """raw head outputs (4 x [B, A, H, W, 15 + C]) + targets [M, 16] (pixels) -> loss terms.
+    """raw head outputs (4 x [B, A, H, W, 15 + C], `AnchorOutput`) + targets [M, 16] (`TargetRow`, pixels)
+    -> loss terms.
 
     Returns {"box", "obj", "cls", "landmark"} (detached, per image, for logging) and "total" (to
     backpropagate): the weighted sum times the batch size, as in YOLOv5, so the learning rates of
@@ -46,26 +51,26 @@ class DetectionLoss:
             obj_target = torch.zeros(pred.shape[:4], device=device)
             if len(t.image):
                 picked = pred[t.image, t.anchor, t.cell_y, t.cell_x]  # [K, 15 + C]
-                xy = picked[:, :2].sigmoid() * 2 - 0.5
+                xy = picked[:, AnchorOutput.XY].sigmoid() * 2 - 0.5
                 # torchvision's CIoU divides by the predicted height with no epsilon: a size that
                 # underflows to 0 would give NaN. A floor of 1e-3 cells is far below a pixel.
-                wh = ((picked[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh).clamp(min=MIN_SIZE)
+                wh = ((picked[:, AnchorOutput.WH].sigmoid() * 2) ** 2 * t.anchor_wh).clamp(min=MIN_SIZE)
                 box_loss = ciou_loss(torch.cat([xy, wh], dim=1), t.box)
                 box = box + box_loss.mean()
                 # Objectness learns how well the box fits (CIoU, clamped at 0), not just "a face is here".
                 obj_target[t.image, t.anchor, t.cell_y, t.cell_x] = (1 - box_loss).detach().clamp(min=0)
                 if self.num_classes > 1:
                     one_hot = F.one_hot(t.cls, self.num_classes).float()
-                    cls = cls + F.binary_cross_entropy_with_logits(picked[:, CLASSES:], one_hot)
-                points = picked[:, LANDMARKS] * t.anchor_wh.repeat(1, 5)
+                    cls = cls + F.binary_cross_entropy_with_logits(picked[:, AnchorOutput.CLASSES :], one_hot)
+                points = picked[:, AnchorOutput.LANDMARKS] * t.anchor_wh.repeat(1, NUM_LANDMARKS)
                 mask = t.landmark_mask
                 landmark = landmark + wing_loss(
                     points[mask], t.landmarks[mask], cfg.wing_width, cfg.wing_curvature
                 ).sum() / mask.sum().clamp(min=1)
-            obj = obj + F.binary_cross_entropy_with_logits(pred[..., OBJ], obj_target) * cfg.balance[level]
-        scale = 3 / len(raw)
+            obj = obj + F.binary_cross_entropy_with_logits(pred[..., AnchorOutput.OBJ], obj_target) * cfg.balance[level]
+        scale = REFERENCE_LEVELS / len(raw)
         box = box * cfg.box * scale
-        obj = obj * cfg.obj * scale * (1.4 if len(raw) == 4 else 1.0)
+        obj = obj * cfg.obj * scale * (FOUR_LEVEL_OBJ_GAIN if len(raw) == 4 else 1.0)
         cls = cls * cfg.cls * scale
         landmark = landmark * cfg.landmark * scale
         batch_size = raw[0].shape[0]

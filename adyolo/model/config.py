@@ -25,8 +25,11 @@ SIZE_PRESETS: dict[str, tuple[float, float]] = {
 
 MAX_STRIDE = 32
 
-# Face-shaped anchors of yolov5s6-face moved down one level to P2..P5, in input pixels
-# (w, h pairs, three per level). See shared research model.md section 6.
+# Anchors in input pixels (w, h pairs, three per level, strides 4, 8, 16, 32). These are the face-shaped
+# anchors of YOLOv5-Face's P3-P6 models (yolov5s6-face: strides 8..64), moved down one level to
+# P2..P5, so the smallest anchor (6 x 7 px) sits on the stride-4 map where small faces are found.
+# The ADYOLOv5-Face paper does not state its anchors; these are an engineering choice (check the
+# best-possible recall at anchor_t on a new dataset and re-cluster if it is low).
 DEFAULT_ANCHORS: list[list[float]] = [
     [6, 7, 9, 11, 13, 16],
     [18, 23, 26, 33, 37, 47],

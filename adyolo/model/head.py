@@ -16,23 +16,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-NUM_LANDMARKS = 5
-# Column layout of one anchor's prediction: box (4), objectness (1), 5 landmarks as x, y (10), classes.
-BOX = slice(0, 4)
-OBJ = 4
-LANDMARKS = slice(5, 5 + 2 * NUM_LANDMARKS)
-CLASSES = 5 + 2 * NUM_LANDMARKS
+from adyolo.layout import NUM_LANDMARKS, AnchorOutput
+
+# YOLOv5's objectness prior: about this many objects per image at each level, at this input size.
+PRIOR_OBJECTS_PER_LEVEL = 8
+PRIOR_REFERENCE_PX = 640
+# YOLOv5's class prior: the initial probability of the right class.
+PRIOR_CLASS_PROBABILITY = 0.6
 
 
 class DetectHead(nn.Module):
-    """Features [B, C_i, H_i, W_i] for 4 levels -> raw maps [B, 3, H_i, W_i, 15 + num_classes]."""
+    """Features [B, C_i, H_i, W_i] for 4 levels -> raw maps [B, 3, H_i, W_i, 15 + num_classes] (`AnchorOutput`)."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, anchors: Sequence[Sequence[float]]):
         super().__init__()
         self.num_levels = len(in_channels)
         self.num_anchors = len(anchors[0]) // 2
         self.num_classes = num_classes
-        self.num_outputs = CLASSES + num_classes
+        self.num_outputs = AnchorOutput.CHANNELS_WITHOUT_CLASSES + num_classes
         # Derived from the config, so not part of the state dict.
         anchor_px = torch.tensor(anchors, dtype=torch.float32).view(self.num_levels, self.num_anchors, 2)
         self.register_buffer("anchors", anchor_px, persistent=False)  # [levels, anchors, 2] (w, h) pixels
@@ -48,15 +49,16 @@ class DetectHead(nn.Module):
         return outputs
 
     @torch.no_grad()
-    def init_biases(self, reference_size: int = 640) -> None:
+    def init_biases(self, reference_size: int = PRIOR_REFERENCE_PX) -> None:
         """YOLOv5 prior: about 8 objects per 640 px image at each level, class probability 0.6."""
         for conv, stride in zip(self.convs, self.strides.tolist()):
             bias = conv.bias.view(self.num_anchors, self.num_outputs)
-            bias[:, OBJ] += math.log(8 / (reference_size / stride) ** 2)
-            bias[:, CLASSES:] += math.log(0.6 / (self.num_classes - 0.99))
+            bias[:, AnchorOutput.OBJ] += math.log(PRIOR_OBJECTS_PER_LEVEL / (reference_size / stride) ** 2)
+            # (YOLOv5: 0.99 rather than 1 keeps the one-class logarithm finite.)
+            bias[:, AnchorOutput.CLASSES :] += math.log(PRIOR_CLASS_PROBABILITY / (self.num_classes - 0.99))
 
     def decode(self, raw: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Raw maps -> [B, sum(3 * H_i * W_i), 15 + num_classes] in input pixels.
+        """Raw maps -> [B, sum(3 * H_i * W_i), 15 + num_classes] (`AnchorOutput`) in input pixels.
 
         Columns: cx, cy, w, h, objectness, 5 x (x, y) landmarks, class scores.
         """
@@ -71,13 +73,19 @@ class DetectHead(nn.Module):
                 indexing="ij",
             )
             cell = torch.stack((xs, ys), dim=-1).view(1, 1, h, w, 2)
-            xy = (pred[..., 0:2].sigmoid() * 2 - 0.5 + cell) * stride
-            wh = (pred[..., 2:4].sigmoid() * 2) ** 2 * anchor
-            points = pred[..., LANDMARKS].unflatten(-1, (NUM_LANDMARKS, 2))
+            xy = (pred[..., AnchorOutput.XY].sigmoid() * 2 - 0.5 + cell) * stride
+            wh = (pred[..., AnchorOutput.WH].sigmoid() * 2) ** 2 * anchor
+            points = pred[..., AnchorOutput.LANDMARKS].unflatten(-1, (NUM_LANDMARKS, 2))
             points = points * anchor.unsqueeze(-2) + (cell * stride).unsqueeze(-2)
             decoded.append(
                 torch.cat(
-                    [xy, wh, pred[..., OBJ : OBJ + 1].sigmoid(), points.flatten(-2), pred[..., CLASSES:].sigmoid()],
+                    [
+                        xy,
+                        wh,
+                        pred[..., AnchorOutput.OBJ : AnchorOutput.OBJ + 1].sigmoid(),
+                        points.flatten(-2),
+                        pred[..., AnchorOutput.CLASSES :].sigmoid(),
+                    ],
                     dim=-1,
                 ).view(b, -1, n)
             )

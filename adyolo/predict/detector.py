@@ -1,16 +1,16 @@
-"""Inference on plain images: BGR arrays of any size in, detections in their own pixels out.
+"""Faces in images: the forward, decode and NMS that validation and deployment share, and `Detector`
+for BGR images of any size.
 
-The same steps as validation (`adyolo.eval.evaluator.detect_batch`, which `predict` runs): letterbox
-to the model's square input, forward, `head.decode`, confidence filter + NMS, then map back to the
-original image. What validation gets from the dataset (letterboxing, the ratio and padding) is done
-here per image, so `launch/detect.py` only reads files and writes pictures and JSON.
+`detect_batch` runs letterboxed network inputs through the model, `head.decode` and confidence
+filter + NMS; validation (`adyolo.eval.evaluator.predict`) calls it on dataset batches. `Detector`
+adds what validation gets from the dataset (letterboxing, and mapping detections back to the original
+image), so `launch/detect.py` only reads files and writes pictures and JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
+import contextlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,15 +18,29 @@ from torch import nn
 
 from adyolo.data.faces import Faces
 from adyolo.data.transforms import letterbox
-from adyolo.eval.evaluator import detect_batch
-from adyolo.eval.postprocess import unletterbox
+from adyolo.layout import DetectionRow
+from adyolo.predict.postprocess import postprocess, unletterbox
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+
+@torch.no_grad()
+def detect_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    conf_threshold: float = 0.02,
+    iou_threshold: float = 0.5,
+) -> list[torch.Tensor]:
+    """uint8 RGB network inputs [B, 3, S, S] on the model's device -> per image [K, 16] (`DetectionRow`) in
+    those (letterboxed) pixels. The model's mode is the caller's."""
+    amp = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with amp:
+        raw = model(images.float() / 255)
+    return postprocess(model.head.decode(raw), conf_threshold, iou_threshold)
 
 
 class Detector:
-    """A detector ready for images: `detector([image, ...])` -> per image an array [K, 16] of
-    x1, y1, x2, y2, score, 5 x (x, y) landmarks, class, in the input image's pixels, by descending score.
+    """A detector ready for images: `detector([image, ...])` -> per image an array [K, 16] (`DetectionRow`:
+    x1, y1, x2, y2, score, 5 x (x, y) landmarks, class) in the input image's pixels, by descending score.
 
     Images are BGR uint8 [H, W, 3] as `cv2.imread` returns them, of any sizes (a batch may mix them).
     Boxes are clipped to the image; landmarks are not (a point may lie just outside a cut-off face).
@@ -72,35 +86,9 @@ class Detector:
         for dets, (ratio, pad_x, pad_y), image in zip(self.detect_letterboxed(torch.stack(inputs)), infos, images):
             dets = unletterbox(dets, ratio, pad_x, pad_y).numpy()
             h, w = image.shape[:2]
-            dets[:, [0, 2]] = dets[:, [0, 2]].clip(0, w)
-            dets[:, [1, 3]] = dets[:, [1, 3]].clip(0, h)
+            dets[:, DetectionRow.BOX] = dets[:, DetectionRow.BOX].clip(0, [w, h, w, h])
             results.append(dets)
         return results
-
-
-def detections_to_json(detections: np.ndarray) -> list[dict[str, Any]]:
-    """[K, 16] detections -> [{"box": [x1, y1, x2, y2], "score": s, "landmarks": [[x, y] x 5], "class": c}]."""
-    return [
-        {
-            "box": [round(float(v), 2) for v in det[:4]],
-            "score": round(float(det[4]), 5),
-            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in det[5:15].reshape(5, 2)],
-            "class": int(det[15]),
-        }
-        for det in detections
-    ]
-
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    """Consecutive lists of `size` items (the last may be shorter); itertools.batched needs Python 3.12."""
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -114,7 +102,3 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return device
-
-
-def is_video(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES

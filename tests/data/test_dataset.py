@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from adyolo.data.dataset import FaceDataset, build_loader, collate, list_images
+from adyolo.data.batch import collate
+from adyolo.data.dataset import FaceDataset, build_loader, list_images
 from adyolo.data.labels import LabelError, label_path_for, read_label_file
 from adyolo.data.synthetic import SyntheticConfig, ensure_synthetic_dataset, render_image
 from adyolo.data.transforms import AugmentConfig

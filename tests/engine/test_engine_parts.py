@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import types
 
 import pytest
 import torch
@@ -10,13 +12,15 @@ from mlflow.tracking import MlflowClient
 
 from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, split_global_batch
-from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, load_weights, resolve_resume, save_weights
-from adyolo.engine.config import OptimConfig
+from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, resolve_resume
+from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
 from adyolo.engine.memory import per_rank_metrics
 from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
-from adyolo.engine.tracking import Tracker, flatten
+from adyolo.engine.trainer import STOP_SIGNALS, Trainer, TrainerParts
 from adyolo.model import build_model
+from adyolo.tracking import Tracker, flatten
+from adyolo.weights import load_weights, save_weights
 
 
 def test_global_batch_40_splits():
@@ -152,3 +156,34 @@ def test_auto_micro_batch_takes_the_largest_that_fits():
     assert tried == [20, 10, 5, 4]
     with pytest.raises(RuntimeError, match="not even a micro-batch of 1 fits"):
         largest_fitting([2, 1], lambda m: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+
+
+def test_the_trainer_handles_stop_signals_only_while_it_fits(tmp_path):
+    """Building a Trainer leaves the process alone; fit() installs its SIGTERM/SIGUSR1 handlers and
+    puts the previous ones back, also when training fails."""
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    ended = []
+    accelerator = types.SimpleNamespace(end_training=lambda: ended.append(True))
+    parts = TrainerParts(accelerator, step=None, train_loader=None, val_loader=None, state=None, tracker=None)
+    trainer = Trainer(
+        parts, TrainConfig(), LogConfig(), epochs=1, output_dir=tmp_path, weights_config={}, precision="fp32"
+    )
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+    during = {}
+
+    def fit_once():
+        during.update({sig: signal.getsignal(sig) for sig in STOP_SIGNALS})
+        return 0
+
+    trainer._fit = fit_once
+    assert trainer.fit() == 0 and ended == [True]
+    assert all(handler == trainer._on_signal for handler in during.values())
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+
+    def crash():
+        raise RuntimeError("boom")
+
+    trainer._fit = crash
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before

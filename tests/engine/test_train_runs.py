@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from adyolo.engine.checkpoint import load_weights
+from adyolo.weights import load_weights
 
 from .runs import LEARNABLE, ROOT, environment, history, mlflow_run, run, train_command
 
@@ -26,7 +26,8 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize("launcher,stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("ddp", 0)])
 def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
     out = tmp_path / launcher
-    proc = run(train_command(out, synthetic, "epochs=4", "train.precision=bf16", *LEARNABLE, launcher=launcher))
+    overrides = ["epochs=4", "train.precision=bf16", "train.fitness=map50", *LEARNABLE]
+    proc = run(train_command(out, synthetic, *overrides, launcher=launcher))
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, mlrun = mlflow_run(out)
     params = mlrun.data.params
@@ -43,6 +44,9 @@ def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
         assert len(series) == 16 and min(series.values()) > 0
     assert "memory/max/peak_allocated_gib" in mlrun.data.metrics
     assert {"val/ap_hard", "val/ap_easy", "val/map50"} <= set(mlrun.data.metrics)
+    # best.pt holds the weights of the best evaluation by the configured fitness metric.
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["best_fitness"] == pytest.approx(max(history(client, mlrun, "val/map50").values()))
     # Portable weights load without DeepSpeed into a plain detector.
     model, config = load_weights(out / "best.pt")
     assert config["model"]["size"] == "n" and not any(torch.isnan(p).any() for p in model.parameters())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adyolo.eval.coco_map import coco_map50
-from adyolo.eval.widerface_ap import SETTINGS, ImageGroundTruth, widerface_evaluate
+from adyolo.eval.widerface.protocol import SETTINGS, ImageGroundTruth, widerface_evaluate
 
 
 def grid_faces(num_faces: int, side: float = 20.0, spacing: float = 30.0, per_row: int = 20) -> np.ndarray:

@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from adyolo.eval.widerface_ap import (
+from adyolo.eval.widerface.ground_truth import load_widerface_mat
+from adyolo.eval.widerface.prediction_files import read_prediction_dir, write_prediction_dir
+from adyolo.eval.widerface.protocol import (
     SETTINGS,
     ImageGroundTruth,
     iou_matrix_plus_one,
     keep_by_size,
-    load_widerface_mat,
-    read_prediction_dir,
     score_thresholds,
     voc_average_precision,
     widerface_evaluate,
-    write_prediction_dir,
 )
 
 # Two well separated 20 x 20 faces and a box far from both.

@@ -1,8 +1,10 @@
-"""launch/detect.py on the trained tiny detector: a folder (with a corrupt file), a video, bad input."""
+"""Detection with trained weights (`adyolo.predict.job`, what launch/detect.py runs) on the trained tiny
+detector: a folder (with a corrupt file), a video, bad input."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from adyolo.engine.checkpoint import load_weights
-from adyolo.eval.inference import Detector
+from adyolo.predict.detector import Detector
+from adyolo.predict.job import DetectionRequest, InputError, detect
+from adyolo.weights import load_weights
 from tests.engine.runs import ROOT, environment
 
-from .scripts import load_script, read, run_main, val_images
+from .helpers import read, val_images
 
 CONF = 0.01
-detect = load_script("detect")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,8 @@ def detector(trained_run) -> Detector:
     return Detector(model, config["model"]["img_size"], CONF)
 
 
-def detect_args(trained_run, source, out) -> list:
-    return ["--weights", trained_run / "best.pt", "--source", source, "--out", out, "--conf", CONF, "--batch", 2]
+def request(weights, source, out, **settings) -> DetectionRequest:
+    return DetectionRequest(str(weights), str(source), out=str(out), conf=CONF, batch=2, **settings)
 
 
 def boxes_and_points(record: dict) -> np.ndarray:
@@ -36,7 +38,7 @@ def boxes_and_points(record: dict) -> np.ndarray:
     return np.array(rows, np.float64).reshape(-1, 15)
 
 
-def test_folder_writes_pictures_and_json_in_original_pixels(trained_run, detector, tmp_path, monkeypatch, capsys):
+def test_folder_writes_pictures_and_json_in_original_pixels(trained_run, detector, tmp_path, capsys):
     source = tmp_path / "photos"
     (source / "sub").mkdir(parents=True)
     originals = sorted(val_images(trained_run).glob("*.jpg"))[:3]
@@ -46,8 +48,7 @@ def test_folder_writes_pictures_and_json_in_original_pixels(trained_run, detecto
         cv2.imwrite(str(source / "sub" / f"{i}.png"), cv2.resize(image, None, fx=scale, fy=scale))
     (source / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
-    code = run_main(detect, *detect_args(trained_run, source, out), "--device", "cpu", monkeypatch=monkeypatch)
-    assert code == 0
+    assert detect(request(trained_run / "best.pt", source, out, device="cpu")) == out / "detections.json"
     assert "skipping unreadable image" in capsys.readouterr().err
     result = json.loads((out / "detections.json").read_text())
     assert result["skipped"] == [str(source / "broken.jpg")]
@@ -62,7 +63,7 @@ def test_folder_writes_pictures_and_json_in_original_pixels(trained_run, detecto
         np.testing.assert_allclose(boxes_and_points(record), expected, atol=0.01)
 
 
-def test_video_gives_an_annotated_video_and_per_frame_detections(trained_run, detector, tmp_path, monkeypatch):
+def test_video_gives_an_annotated_video_and_per_frame_detections(trained_run, detector, tmp_path):
     video = tmp_path / "clip.avi"
     frames = [read(p) for p in sorted(val_images(trained_run).glob("*.jpg"))[:5]]
     h, w = frames[0].shape[:2]
@@ -71,8 +72,7 @@ def test_video_gives_an_annotated_video_and_per_frame_detections(trained_run, de
         writer.write(cv2.resize(frame, (w, h)))
     writer.release()
     out = tmp_path / "out"
-    code = run_main(detect, *detect_args(trained_run, video, out), monkeypatch=monkeypatch)
-    assert code == 0
+    assert detect(request(trained_run / "best.pt", video, out)) == out / "clip.json"
     result = json.loads((out / "clip.json").read_text())["video"]
     assert (result["width"], result["height"], result["fps"]) == (w, h, 5.0)
     assert [f["frame"] for f in result["frames"]] == list(range(5))
@@ -84,7 +84,7 @@ def test_video_gives_an_annotated_video_and_per_frame_detections(trained_run, de
     assert annotated.isOpened() and int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
 
 
-def test_bad_input_stops_with_exit_code_2(trained_run, tmp_path, monkeypatch, capsys):
+def test_bad_input_stops_before_the_model_runs(trained_run, tmp_path):
     weights = trained_run / "best.pt"
     image = next(val_images(trained_run).glob("*.jpg"))
     broken = tmp_path / "broken.jpg"
@@ -94,16 +94,17 @@ def test_bad_input_stops_with_exit_code_2(trained_run, tmp_path, monkeypatch, ca
     foreign = tmp_path / "foreign.pt"
     foreign.write_bytes(b"PK\x03\x04 not really")
     cases = {
-        "no such weights file": ["--weights", tmp_path / "missing.pt", "--source", image],
-        "not a readable adyolo weights file": ["--weights", foreign, "--source", image],
-        "broken.jpg: not a readable image": ["--weights", weights, "--source", broken],
-        "no images": ["--weights", weights, "--source", empty],
-        "no such file or folder": ["--weights", weights, "--source", tmp_path / "nothing.jpg"],
+        "no such weights file": (tmp_path / "missing.pt", image, {}),
+        "not a readable adyolo weights file": (foreign, image, {}),
+        "broken.jpg: not a readable image": (weights, broken, {}),
+        "no images": (weights, empty, {}),
+        "no such file or folder": (weights, tmp_path / "nothing.jpg", {}),
+        "multiple of the largest stride": (weights, image, {"img": 100}),
     }
-    for message, args in cases.items():
-        assert run_main(detect, *args, "--out", tmp_path / "out", monkeypatch=monkeypatch) == 2, message
-        err = capsys.readouterr().err
-        assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for message, (path, source, settings) in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)) as err:
+            detect(request(path, source, tmp_path / "out", **settings))
+        assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
 

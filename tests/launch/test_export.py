@@ -1,30 +1,31 @@
-"""launch/export.py and adyolo.export.onnx: ONNX Runtime agrees with PyTorch for both fusion variants, at the
-export size and (dynamic) at other batches and sizes; the exported graph gives the detections that
-`Detector` gives; bad input stops with exit code 2."""
+"""ONNX export (`adyolo.export`, what launch/export.py runs): ONNX Runtime agrees with PyTorch for both
+fusion variants, at the export size and (dynamic) at other batches and sizes; the exported graph gives
+the detections that `Detector` gives; bad input stops before anything is exported."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from adyolo.engine.checkpoint import load_weights
-from adyolo.eval.inference import Detector
-from adyolo.eval.postprocess import postprocess
+from adyolo.export.job import ExportRequest, InputError, export_weights
 from adyolo.export.onnx import DEFAULT_TOLERANCE, check_inputs, check_onnx, export_onnx
 from adyolo.model import ModelConfig, build_model
+from adyolo.predict.detector import Detector
+from adyolo.predict.postprocess import postprocess
+from adyolo.weights import load_weights
 
-from .scripts import load_script, read, run_main, val_images
-
-export = load_script("export")
+from .helpers import read, val_images
 
 
-def test_trained_weights_export_fixed_and_dynamic_and_detect_like_pytorch(trained_run, tmp_path, monkeypatch, capsys):
+def test_trained_weights_export_fixed_and_dynamic_and_detect_like_pytorch(trained_run, tmp_path, capsys):
     weights = trained_run / "best.pt"
     fixed, dynamic = tmp_path / "fixed.onnx", tmp_path / "dynamic.onnx"
-    assert run_main(export, "--weights", weights, "--out", fixed, monkeypatch=monkeypatch) == 0
-    assert run_main(export, "--weights", weights, "--out", dynamic, "--dynamic", monkeypatch=monkeypatch) == 0
+    assert export_weights(ExportRequest(str(weights), out=str(fixed)))
+    assert export_weights(ExportRequest(str(weights), out=str(dynamic), dynamic=True))
     printed = capsys.readouterr().out
     assert "input images 1x3x96x96" in printed and "input images batchx3xheightxwidth" in printed
     assert printed.count("ok   ") == 2 + 4 and "FAIL" not in printed  # fixed: 2 inputs, dynamic: 4
@@ -64,12 +65,9 @@ def test_full_attention_sdpa_exports_with_dynamic_shapes(tmp_path):
     assert not changed.passed and changed.max_rel > 10 * DEFAULT_TOLERANCE, changed
 
 
-def test_raw_maps_export(trained_run, tmp_path, monkeypatch, capsys):
+def test_raw_maps_export(trained_run, tmp_path, capsys):
     out = tmp_path / "raw.onnx"
-    assert (
-        run_main(export, "--weights", trained_run / "best.pt", "--out", out, "--no-decode", monkeypatch=monkeypatch)
-        == 0
-    )
+    assert export_weights(ExportRequest(str(trained_run / "best.pt"), out=str(out), decode=False))
     assert "outputs p2, p3, p4, p5" in capsys.readouterr().out
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     shapes = [o.shape for o in session.run(None, {"images": np.zeros((1, 3, 96, 96), np.float32)})]
@@ -77,18 +75,19 @@ def test_raw_maps_export(trained_run, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    ("make_args", "message"),
+    ("make_request", "message"),
     [
-        (lambda run, tmp: ["--weights", tmp / "missing.pt"], "missing.pt: no such weights file"),
-        (lambda run, tmp: ["--weights", _foreign(tmp)], "not an adyolo weights file"),
-        (lambda run, tmp: ["--weights", run / "best.pt", "--img", "100"], "--img: image size 100 is not"),
-        (lambda run, tmp: ["--weights", run / "best.pt", "--img", "32", "--dynamic"], "--img: a dynamic export"),
+        (lambda run, tmp: ExportRequest(str(tmp / "missing.pt")), "missing.pt: no such weights file"),
+        (lambda run, tmp: ExportRequest(str(_foreign(tmp))), "not an adyolo weights file"),
+        (lambda run, tmp: ExportRequest(str(run / "best.pt"), img=[100]), "--img: image size 100 is not"),
+        (lambda run, tmp: ExportRequest(str(run / "best.pt"), img=[32], dynamic=True), "--img: a dynamic export"),
     ],
 )
-def test_bad_input_stops_with_exit_code_2(trained_run, tmp_path, monkeypatch, capsys, make_args, message):
-    args = make_args(trained_run, tmp_path)
-    assert run_main(export, *args, "--out", tmp_path / "never.onnx", monkeypatch=monkeypatch) == 2
-    assert message in capsys.readouterr().err
+def test_bad_input_stops_before_exporting(trained_run, tmp_path, make_request, message):
+    request = make_request(trained_run, tmp_path)
+    request.out = str(tmp_path / "never.onnx")
+    with pytest.raises(InputError, match=re.escape(message)):
+        export_weights(request)
     assert not (tmp_path / "never.onnx").exists()
 
 

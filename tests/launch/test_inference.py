@@ -9,12 +9,13 @@ import torch
 
 from adyolo.data.faces import Faces
 from adyolo.data.transforms import PAD_VALUE, letterbox
-from adyolo.engine.checkpoint import WeightsError, load_weights, save_weights
-from adyolo.eval.inference import Detector, batched, detections_to_json
-from adyolo.eval.postprocess import postprocess, unletterbox
 from adyolo.model import build_model
+from adyolo.predict.detector import Detector
+from adyolo.predict.job import batched, detections_to_json
+from adyolo.predict.postprocess import postprocess, unletterbox
+from adyolo.weights import WeightsError, load_weights, save_weights
 
-from .scripts import read, val_images
+from .helpers import read, val_images
 
 CONF = 0.001  # the tiny detector's scores are low; this keeps plenty of detections to compare
 

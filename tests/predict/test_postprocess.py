@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from adyolo.eval.postprocess import postprocess, unletterbox
 from adyolo.model import build_model
+from adyolo.predict.postprocess import postprocess, unletterbox
 
 
 def row(cx, cy, w, h, obj, cls=None):

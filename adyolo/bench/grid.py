@@ -1,0 +1,88 @@
+"""The benchmark grid: every combination of the values given per axis is a row (a dict of settings)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+ZERO_CHOICES = ("0", "1", "2", "2_offload", "3")  # 0: plain DDP
+# Allowed values of the axes that take a fixed set; "checkpoint" takes off, all or block names.
+CHOICES = {
+    "fusion": ("full", "efficient"),
+    "attention": ("sdpa", "explicit"),
+    "precision": ("fp32", "bf16"),
+    "zero": ZERO_CHOICES,
+    "channels_last": ("off", "on"),
+    "compile": ("off", "on"),
+}
+AXES = ("global_batch", "fusion", "attention", "precision", "checkpoint", "zero", "channels_last", "compile")
+
+
+class GridError(ValueError):
+    """A grid that cannot run (a value that is not allowed, a config every row rejects); the message
+    names the flag or key and the choices."""
+
+
+def parse_axes(values: Mapping[str, str]) -> dict[str, list]:
+    """Comma lists per axis (as given on the command line) -> lists of values, checked."""
+    axes = {axis: [v for v in values[axis].split(",") if v] for axis in AXES}
+    for axis, choices in CHOICES.items():
+        bad = [v for v in axes[axis] if v not in choices]
+        if bad:
+            raise GridError(f"--{axis.replace('_', '-')}: unknown {bad[0]!r}; choose from {', '.join(choices)}")
+    if not all(b.isdigit() and int(b) > 0 for b in axes["global_batch"]):
+        raise GridError(f"--global-batch takes positive integers, got {','.join(axes['global_batch'])}")
+    axes["global_batch"] = [int(b) for b in axes["global_batch"]]
+    return axes
+
+
+def expand_grid(axes: Mapping[str, Sequence]) -> list[dict]:
+    """Rows for every combination; attention varies only for the full variant."""
+    rows, seen = [], set()
+    for batch, fusion, attention, precision, ckpt, zero, cl, compiled in itertools.product(*(axes[a] for a in AXES)):
+        row = {
+            "global_batch": batch,
+            "fusion": fusion,
+            "attention": attention if fusion == "full" else "-",
+            "precision": precision,
+            "checkpoint": ckpt,
+            "zero": zero,
+            "channels_last": cl == "on",
+            "compile": compiled == "on",
+        }
+        key = tuple(row.values())
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
+def label(row: dict) -> str:
+    """A short unique name, e.g. `full/sdpa bf16 ckpt=all z2 cl compile b40`."""
+    parts = [
+        f"{row['fusion']}/{row['attention']}" if row["fusion"] == "full" else row["fusion"],
+        row["precision"],
+        f"ckpt={row['checkpoint']}",
+        f"z{row['zero']}" if row["zero"] != "0" else "ddp",
+    ]
+    parts += ["cl"] * row["channels_last"] + ["compile"] * row["compile"] + [f"b{row['global_batch']}"]
+    return " ".join(parts)
+
+
+def overrides(row: dict, common: dict) -> list[str]:
+    """The `key=value` overrides that turn the run config into this row's."""
+    ckpt = [] if row["checkpoint"] == "off" else row["checkpoint"].split("+")
+    model = [f"model.fusion={row['fusion']}", f"model.checkpoint=[{','.join(ckpt)}]"]
+    if row["fusion"] == "full":
+        model.append(f"model.attention={row['attention']}")
+    return [
+        *model,
+        f"model.size={common['size']}",
+        f"model.img_size={common['img']}",
+        f"train.global_batch={row['global_batch']}",
+        f"train.precision={row['precision']}",
+        f"train.channels_last={str(row['channels_last']).lower()}",
+        f"train.compile={str(row['compile']).lower()}",
+        *([f"train.micro_batch={common['micro_batch']}"] if common["micro_batch"] else []),
+        *common["overrides"],
+    ]

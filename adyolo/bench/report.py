@@ -1,0 +1,175 @@
+"""The benchmark's reports: bench.md (tables and the checks of the targets), bench.png, and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adyolo.bench.grid import label
+from adyolo.tracking import Tracker, tracking_uri
+
+GPU_SIZES_GIB = (16, 24, 40, 80, 141)  # the GPUs a row can be said to fit
+# What a process holds on a GPU beyond PyTorch's reserved memory (CUDA context, kernels): about 1 GiB.
+CUDA_CONTEXT_GIB = 1.0
+# The targets the benchmark checks (README, "Benchmark"): full/sdpa within 1.3x the memory and at least
+# 0.75x the speed of efficient, full with checkpointing on a 16 GiB GPU, the fastest row 2.5x fp32
+# eager explicit attention.
+MAX_MEMORY_RATIO = 1.3
+MIN_SPEED_RATIO = 0.75
+TARGET_GPU_GIB = 16
+MIN_SPEEDUP_OVER_EXPLICIT = 2.5
+
+
+def fits(row: dict) -> str:
+    """The smallest common GPU that holds the row's peak reserved memory plus the CUDA context."""
+    need = row["peak_reserved_gib"] + CUDA_CONTEXT_GIB
+    sizes = [s for s in GPU_SIZES_GIB if s >= need]
+    return f"{sizes[0]} GiB" if sizes else f"> {GPU_SIZES_GIB[-1]} GiB"
+
+
+def model_table(rows: list[dict], cuda: bool) -> str:
+    ran = [r for r in rows if "images_per_s" in r]
+    ref = ran[0] if ran else None
+    memory = "peak alloc GiB per rank | peak reserved GiB (max)" if cuda else "peak RSS GiB per rank | (same)"
+    lines = [
+        f"| configuration | micro x ranks x accum | {memory} | img/s | TFLOP/s | img/s vs first | "
+        "memory vs first | fits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = label(r)
+        if "images_per_s" not in r:
+            reason = f"OOM (rank {r['oom_rank']}): {r['oom']}" if "oom" in r else r["error"]
+            lines.append(f"| {name} | | {reason} | | - | - | - | - | {'no' if 'oom' in r else '-'} |")
+            continue
+        per_rank = " / ".join(f"{x['peak_allocated_gib']:.2f}" for x in r["ranks"])
+        split = f"{r['micro_batch']} x {r['world_size']} x {r['accumulation']}"
+        tflops = r["images_per_s"] * r["train_gflops_per_image"] / 1e3
+        lines.append(
+            f"| {name} | {split} | {per_rank} | {r['peak_reserved_gib']:.2f} | {r['images_per_s']:.1f} | "
+            f"{tflops:.3g} | {r['images_per_s'] / ref['images_per_s']:.2f}x | "
+            f"{r['peak_allocated_gib'] / ref['peak_allocated_gib']:.2f}x | {fits(r) if cuda else '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def loader_table(rows: list[dict]) -> str:
+    lines = ["| loader workers | images/s |", "|---|---|"]
+    return "\n".join(lines + [f"| {r['workers']} | {r['images_per_s']:.0f} |" for r in rows]) + "\n"
+
+
+def _same_but(row: dict, other: dict, *keys: str) -> bool:
+    settings = ("global_batch", "precision", "checkpoint", "zero", "channels_last", "compile")
+    return all(row[k] == other[k] for k in settings if k not in keys)
+
+
+def target_checks(rows: list[dict], loader: list[dict], budget_gib: float) -> list[str]:
+    """The benchmark's targets, read off the measured rows; a target without its rows says so."""
+    ran = [r for r in rows if "images_per_s" in r]
+    sdpa = [r for r in ran if r["fusion"] == "full" and r["attention"] == "sdpa" and r["precision"] == "bf16"]
+    pairs = [(f, e) for f in sdpa for e in ran if e["fusion"] == "efficient" and _same_but(f, e)]
+    checks = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    if pairs:
+        full, eff = min(pairs, key=lambda p: p[0]["peak_allocated_gib"] / p[1]["peak_allocated_gib"])
+        ratio = full["peak_allocated_gib"] / eff["peak_allocated_gib"]
+        checks.append(
+            f"full/sdpa peak memory <= {MAX_MEMORY_RATIO}x efficient: {ratio:.2f}x ({label(full)}) - "
+            f"{verdict(ratio <= MAX_MEMORY_RATIO)}"
+        )
+        full, eff = max(pairs, key=lambda p: p[0]["images_per_s"] / p[1]["images_per_s"])
+        ratio = full["images_per_s"] / eff["images_per_s"]
+        checks.append(
+            f"full/sdpa img/s >= 0.75x efficient: {ratio:.2f}x ({label(full)}) - {verdict(ratio >= MIN_SPEED_RATIO)}"
+        )
+    else:
+        checks.append("full/sdpa vs efficient: no bf16 pair with the same settings measured")
+    ckpt = [r for r in sdpa if r["checkpoint"] != "off"]
+    if ckpt:
+        best = min(ckpt, key=lambda r: r["peak_reserved_gib"])
+        within = budget_gib == TARGET_GPU_GIB or best["peak_reserved_gib"] + CUDA_CONTEXT_GIB <= TARGET_GPU_GIB
+        how = "run under a 16 GiB budget" if budget_gib == TARGET_GPU_GIB else "peak reserved + 1 GiB context"
+        checks.append(
+            f"full/sdpa with checkpointing fits 16 GiB: {best['peak_reserved_gib']:.2f} GiB reserved ({how}; "
+            f"{label(best)}) - {verdict(within)}"
+        )
+    explicit = [r for r in ran if r["attention"] == "explicit" and r["precision"] == "fp32" and not r["compile"]]
+    if explicit and ran:
+        slow = min(explicit, key=lambda r: r["images_per_s"])
+        peers = [r for r in ran if r["global_batch"] == slow["global_batch"]]
+        fastest = max(peers, key=lambda r: r["images_per_s"])
+        ratio = fastest["images_per_s"] / slow["images_per_s"]
+        checks.append(
+            f"fastest >= 2.5x fp32 eager explicit at batch {slow['global_batch']}: {ratio:.2f}x "
+            f"({label(fastest)}) - {verdict(ratio >= MIN_SPEEDUP_OVER_EXPLICIT)}"
+        )
+    else:
+        checks.append("fastest vs fp32 eager explicit: no fp32 explicit row ran (add it, at a batch where it fits)")
+    if loader and ran:
+        best_loader = max(r["images_per_s"] for r in loader)
+        fastest = max(r["images_per_s"] for r in ran)
+        checks.append(
+            f"loader keeps up: {best_loader:.0f} img/s vs fastest training {fastest:.0f} img/s - "
+            f"{verdict(best_loader > fastest)}"
+        )
+    return checks
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Peak memory and img/s per configuration, side by side."""
+    ran = [r for r in rows if "images_per_s" in r]
+    if not ran:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [label(r) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
+    y = range(len(rows))
+    memory = [r.get("peak_allocated_gib", 0.0) for r in rows]
+    left.barh(y, memory, color=["tab:red" if "oom" in r else "tab:blue" for r in rows])
+    left.set_yticks(list(y), names, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("peak allocated GiB (max over ranks; red: OOM)")
+    right.barh(y, [r.get("images_per_s", 0.0) for r in rows], color="tab:green")
+    right.set_xlabel("images/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
+    text = [f"# Benchmark, {meta['date']}", "", meta["setup"], ""]
+    if rows:
+        text += [model_table(rows, cuda), ""]
+    if loader:
+        text += [meta["loader_setup"], "", loader_table(loader), ""]
+    if rows:
+        text += ["Targets:", ""] + [f"- {c}" for c in target_checks(rows, loader, meta["memory_budget_gib"])]
+    return "\n".join(text) + "\n"
+
+
+def log_to_mlflow(out: Path, rows: list[dict], loader: list[dict], meta: dict, files: list[Path]) -> None:
+    tracker = Tracker(True, tracking_uri(None, out), "adyolo-bench", out, run_name=f"bench {meta['date']}")
+    tracker.log_params({k: v for k, v in meta.items() if k not in ("setup", "loader_setup")})
+    metrics = {}
+    for r in rows:
+        name = label(r).replace("=", "-").replace("+", "_")
+        if "images_per_s" in r:
+            metrics[f"{name}/images_per_s"] = r["images_per_s"]
+            metrics[f"{name}/tflops"] = r["images_per_s"] * r["train_gflops_per_image"] / 1e3
+            for rank, mem in enumerate(r["ranks"]):
+                metrics[f"{name}/rank{rank}/peak_allocated_gib"] = mem["peak_allocated_gib"]
+                metrics[f"{name}/rank{rank}/peak_reserved_gib"] = mem["peak_reserved_gib"]
+        else:
+            metrics[f"{name}/oom"] = float("oom" in r)
+    metrics.update({f"loader/workers{r['workers']}/images_per_s": r["images_per_s"] for r in loader})
+    tracker.log_metrics(metrics, step=0)
+    for path in files:
+        tracker.log_artifact(path)
+    tracker.finish()

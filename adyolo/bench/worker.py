@@ -1,0 +1,133 @@
+"""One benchmark row on this rank: real training steps, timed, with the memory they took.
+
+    python -m adyolo.bench.worker '<row spec as JSON>' <row folder>    # started by adyolo.bench.runner
+
+The same Accelerator, DeepSpeed engine, model wrapping, optimizer, schedule, loss, EMA and `TrainStep`
+as `launch/train.py`, on one synthetic batch kept on the device (so the data loader is not in the
+measurement). The main process writes result.json; a rank that runs out of memory writes
+oom-rank<r>.json and exits with `EXIT_OOM`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adyolo.bench.grid import overrides
+from adyolo.bench.runner import EXIT_OOM
+from adyolo.config import load_run_config
+from adyolo.data.batch import synthetic_batch
+from adyolo.engine.accelerator import build_accelerator
+from adyolo.engine.memory import FIELDS, snapshot
+from adyolo.engine.setup import prepare_training
+from adyolo.model import build_model
+
+GIB = 2**30
+# The schedule needs a length; the benchmark's few steps stay in its warm-up either way.
+SCHEDULE_STEPS_PER_EPOCH = 1000
+
+
+def measure(spec: dict, out: Path) -> int:
+    """Run a row's training steps on this rank; the main process writes result.json. Returns the exit code."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        result = train_steps(spec, out)
+    except torch.OutOfMemoryError as err:
+        return record_oom(out, rank, err)
+    except RuntimeError as err:  # DeepSpeed and NCCL rewrap some allocation failures
+        if "out of memory" not in str(err).lower():
+            raise
+        return record_oom(out, rank, err)
+    if result is not None:
+        (out / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+def record_oom(out: Path, rank: int, err: BaseException) -> int:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    (out / f"oom-rank{rank}.json").write_text(json.dumps({"oom": message[:200], "oom_rank": rank}))
+    return EXIT_OOM
+
+
+def train_steps(spec: dict, out: Path) -> dict | None:
+    """Warm-up and timed optimizer steps; the result (main process) or None (other ranks)."""
+    cfg = load_run_config(spec["config"], overrides(spec, spec))
+    accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, out)
+    device = accelerator.device
+    if device.type == "cuda" and spec["memory_budget_gib"]:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_budget_gib"] * GIB / total), device)
+    torch.manual_seed(0)
+    prepared = prepare_training(
+        build_model(cfg.model),
+        cfg.model,
+        cfg.loss,
+        cfg.optim,
+        cfg.train,
+        accelerator,
+        split,
+        zero_stage,
+        epochs=1,
+        steps_per_epoch=SCHEDULE_STEPS_PER_EPOCH,
+    )
+    batches = itertools.repeat(
+        synthetic_batch(split.micro_batch, cfg.model.img_size, device, accelerator.process_index)
+    )
+
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        _synchronize(device)
+        start = time.perf_counter()
+        prepared.step.run_window(batches, step=i)
+        _synchronize(device)
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+    seconds = torch.tensor([statistics.median(times)], device=device)
+    memory = accelerator.gather(snapshot(device).to(device)[None]).cpu()
+    slowest = float(accelerator.gather(seconds).max())
+    # Every rank past its last collective before any tears the process group down: a gloo rank
+    # whose peer is already gone can abort at exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return None
+    ranks = [dict(zip(FIELDS, values)) for values in memory.tolist()]
+    return {
+        "world_size": split.world_size,
+        "micro_batch": split.micro_batch,
+        "accumulation": split.accumulation,
+        "precision_resolved": precision,
+        "zero_stage": zero_stage,
+        "ms_per_step": 1000 * slowest,
+        "images_per_s": split.global_batch / slowest,
+        "ranks": ranks,
+        "peak_allocated_gib": max(r["peak_allocated_gib"] for r in ranks),
+        "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str]) -> None:
+    spec, out = json.loads(argv[0]), Path(argv[1])
+    code = measure(spec, out)
+    # Everything is written. Skip interpreter finalisation, where gloo's worker threads can still
+    # hold tensors and abort the process (SIGABRT) on CPU runs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
