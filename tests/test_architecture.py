@@ -66,7 +66,9 @@ def test_only_the_engine_imports_accelerate_and_deepspeed():
 
 
 def test_the_engine_gets_config_sections_not_the_composed_run_config():
-    bad = violations(modules_in("adyolo/engine"), lambda m: under(m, "adyolo.config", "adyolo.run", "adyolo.bench"))
+    bad = violations(
+        modules_in("adyolo/engine"), lambda m: under(m, "adyolo.config", "adyolo.run", "adyolo.bench", "adyolo.plan")
+    )
     assert not bad, "\n".join(bad)
 
 
@@ -77,7 +79,7 @@ def test_prediction_evaluation_and_export_need_no_training_engine():
     assert not bad, "\n".join(bad)
 
 
-UPPER = ("adyolo.run", "adyolo.bench", "adyolo.config", "adyolo.engine", "adyolo.eval", "adyolo.export")
+UPPER = ("adyolo.run", "adyolo.bench", "adyolo.plan", "adyolo.config", "adyolo.engine", "adyolo.eval", "adyolo.export")
 
 
 @pytest.mark.parametrize("lower", ["adyolo/model", "adyolo/data", "adyolo/loss"])

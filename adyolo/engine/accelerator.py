@@ -21,6 +21,9 @@ from adyolo.engine.batching import BatchSplit, micro_batch_candidates, split_glo
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.schema import ConfigError
 
+# The DeepSpeed JSONs and accelerate configs that ship with the project (one per ZeRO stage).
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -41,6 +44,9 @@ class DeepSpeedSettings:
     stage: int
     bf16_autocast: bool
     gradient_clipping: float
+    offload_optimizer: bool = False  # the optimizer state lives in host memory
+    reduce_bucket_size: int = 500_000_000  # elements; DeepSpeed's defaults where the JSON is silent
+    prefetch_bucket_size: int = 50_000_000  # elements (stage 3)
 
 
 def read_deepspeed_config(path: Path) -> DeepSpeedSettings:
@@ -56,10 +62,15 @@ def read_deepspeed_config(path: Path) -> DeepSpeedSettings:
             'use "torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead',
             location=str(path),
         )
+    zero = ds.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
     return DeepSpeedSettings(
-        stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+        stage=int(zero.get("stage", 0)),
         bf16_autocast=bool(autocast.get("enabled")) and autocast.get("dtype", "bfloat16") == "bfloat16",
         gradient_clipping=float(ds.get("gradient_clipping", 0.0)),
+        offload_optimizer=offload not in ("none", None),
+        reduce_bucket_size=int(zero.get("reduce_bucket_size", DeepSpeedSettings.reduce_bucket_size)),
+        prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", DeepSpeedSettings.prefetch_bucket_size)),
     )
 
 
@@ -79,6 +90,25 @@ def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path:
     return train.precision
 
 
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What the launcher and the DeepSpeed JSON decide, known before any process group exists."""
+
+    world_size: int
+    local_world_size: int  # ranks on this machine
+    deepspeed: DeepSpeedSettings | None
+    precision: str  # "fp32" | "bf16"
+
+
+def launch_settings(train: TrainConfig) -> LaunchSettings:
+    """The run's ranks, DeepSpeed settings and precision; ConfigError if the JSON or precision is wrong."""
+    launch = Launch.from_environment()
+    ds = read_deepspeed_config(launch.deepspeed_config) if launch.deepspeed_config else None
+    precision = resolve_precision(train, ds, launch.deepspeed_config)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
+    return LaunchSettings(launch.world_size, local, ds, precision)
+
+
 def build_accelerator(
     train: TrainConfig,
     optim: OptimConfig,
@@ -88,16 +118,18 @@ def build_accelerator(
     """-> (accelerator, batch split, precision "fp32" | "bf16", ZeRO stage or 0 without DeepSpeed).
 
     `probe(precision, device)` returns a function that runs one training step at a given
-    micro-batch; it is used for `train.micro_batch: auto` on a GPU."""
+    micro-batch. On a GPU it confirms `train.micro_batch` (planned, or "auto": the largest divisor)
+    and steps down to the largest that really fits."""
     launch = Launch.from_environment()
     fixed_micro = train.micro_batch if isinstance(train.micro_batch, int) else None
     split = split_global_batch(train.global_batch, launch.world_size, fixed_micro)
-    ds = read_deepspeed_config(launch.deepspeed_config) if launch.deepspeed_config else None
-    precision = resolve_precision(train, ds, launch.deepspeed_config)
-    if train.micro_batch == "auto" and torch.cuda.is_available() and probe is not None:
+    settings = launch_settings(train)
+    ds, precision = settings.deepspeed, settings.precision
+    if torch.cuda.is_available() and probe is not None:
         # Before the Accelerator exists: its gradient accumulation is fixed at construction.
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        micro = largest_fitting(micro_batch_candidates(train.global_batch, launch.world_size), probe(precision, device))
+        candidates = micro_batch_candidates(train.global_batch, launch.world_size)
+        micro = largest_fitting([m for m in candidates if m <= split.micro_batch], probe(precision, device))
         split = split_global_batch(train.global_batch, launch.world_size, micro)
     if ds is not None and ds.gradient_clipping != optim.grad_clip:
         raise ConfigError(

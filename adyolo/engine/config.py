@@ -48,9 +48,13 @@ class TrainConfig:
     """Images per optimizer step across all ranks = micro_batch x ranks x accumulation."""
     micro_batch: int | Literal["auto"] | None = None
     """Images per rank per forward pass. None: global_batch / ranks. "auto": the largest that fits the GPU."""
+    memory_budget_gib: float | None = None
+    """The per-rank memory that `micro_batch: auto` and `model.checkpoint: auto` must fit, GiB. None: the
+    GPU's memory, or on a CPU the available RAM shared by this machine's ranks."""
     auto_batch_memory_fraction: float = 0.9
-    """micro_batch auto: the share of the GPU one probe step may use; the rest is held back for what a
-    bare step on one GPU does not allocate (DDP buckets, ZeRO buffers, pinned batches, fragmentation)."""
+    """micro_batch auto on a GPU: the share of the GPU the probe step that confirms the plan may use; the
+    rest is held back for what a bare step on one GPU does not allocate (DDP buckets, ZeRO buffers,
+    pinned batches, fragmentation)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA, fp32 on CPU, or the
     DeepSpeed JSON's choice; under DeepSpeed an explicit value must agree with the JSON."""
@@ -92,6 +96,8 @@ class TrainConfig:
         for key in ("eval_interval", "log_interval", "max_nonfinite_steps", "timeout_s", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"{getattr(self, key)} must be at least 1")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ConfigError("memory_budget_gib", f"{self.memory_budget_gib} must be positive")
         if not 0 < self.auto_batch_memory_fraction <= 1:
             raise ConfigError("auto_batch_memory_fraction", f"{self.auto_batch_memory_fraction} must be in (0, 1]")
         if not 0 < self.ema_decay < 1:
@@ -107,3 +113,6 @@ class LogConfig:
     run_name: str | None = None
     num_val_images: int = 4
     """Validation images drawn with their predictions and logged as artifacts."""
+    memory_plan: bool = True
+    """Predict this run's per-rank memory at start (`adyolo.plan`; traced once per configuration, then
+    cached) and log it beside the measured peaks. Always on when a setting is `auto`."""

@@ -43,7 +43,7 @@ class ModelEMA:
         self.ramp = ramp
         self.gather = gather
         self.updates = 0
-        self.module = fresh.float().eval()
+        self.module = fresh.eval()  # built in fp32, whatever precision the training step runs in
         with gather(list(model.parameters())):
             self.module.load_state_dict(model.state_dict())
         for p in self.module.parameters():

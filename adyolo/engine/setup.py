@@ -70,6 +70,10 @@ def prepare_training(
     loss_fn = DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes)
     optimizer = build_optimizer(model, optim, split.global_batch)
     loaders = [loader for loader in (train_loader, val_loader) if loader is not None]
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None and train_loader is None:
+        # DeepSpeed reads the micro-batch from a loader; without one it must be stated.
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = split.micro_batch
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     prepared = iter(loaders)
     train_loader = next(prepared) if train_loader is not None else None
@@ -110,14 +114,16 @@ def bare_step(
     """A training step of a freshly built model in this process alone, without an Accelerator: the
     same wrapping, loss, optimizer, schedule and EMA as `prepare_training`, one micro-batch per window.
     What the micro-batch probe and `launch/model_info.py` run."""
-    model = configure_model(build_model(model_cfg).to(device), train)
+    with device:  # built where it runs: no copy, and no module conversion (which fake tensors refuse)
+        model = configure_model(build_model(model_cfg), train)
+        ema = ModelEMA(build_model(model_cfg), model, train.ema_decay, train.ema_ramp)
     return TrainStep(
         model,
         build_optimizer(model, optim, train.global_batch),
         DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes),
         Schedule(optim, steps_per_epoch=1, epochs=1),
         grad_clip=optim.grad_clip,
-        ema=ModelEMA(build_model(model_cfg).to(device), model, train.ema_decay, train.ema_ramp),
+        ema=ema,
         channels_last=train.channels_last,
         autocast_dtype=autocast_dtype,
     )

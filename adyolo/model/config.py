@@ -87,8 +87,9 @@ class ModelConfig:
     """Stochastic-depth rate reached by the last high-point block (rises linearly from 0)."""
     anchors: list[list[float]] = field(default_factory=lambda: [list(a) for a in DEFAULT_ANCHORS])
     """Anchor (w, h) pairs in input pixels: 4 levels (strides 4, 8, 16, 32) x 3 anchors."""
-    checkpoint: list[str] = field(default_factory=list)
-    """Blocks recomputed in backward to save activation memory; names from CHECKPOINTABLE_BLOCKS, or ["all"]."""
+    checkpoint: list[str] | Literal["auto"] = field(default_factory=list)
+    """Blocks recomputed in backward to save activation memory; names from CHECKPOINTABLE_BLOCKS, or ["all"].
+    "auto": the least recompute that fits the memory budget, chosen by the run's memory plan."""
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -119,7 +120,11 @@ class ModelConfig:
             )
         if any(v <= 0 for level in self.anchors for v in level):
             raise ConfigError("anchors", "anchor sizes must be positive pixels")
-        unknown = [n for n in self.checkpoint if n not in CHECKPOINTABLE_BLOCKS and n != "all"]
+        unknown = (
+            []
+            if self.checkpoint == "auto"
+            else [n for n in self.checkpoint if n not in CHECKPOINTABLE_BLOCKS and n != "all"]
+        )
         if unknown:
             raise ConfigError(
                 "checkpoint",
@@ -141,6 +146,12 @@ class ModelConfig:
 
     @property
     def checkpointed_blocks(self) -> tuple[str, ...]:
+        if self.checkpoint == "auto":
+            raise ConfigError(
+                "checkpoint",
+                "'auto' is chosen by a training run's memory plan (launch/train.py); building a model needs "
+                "block names, [all] or []",
+            )
         return CHECKPOINTABLE_BLOCKS if "all" in self.checkpoint else tuple(self.checkpoint)
 
 

@@ -1,0 +1,63 @@
+"""The memory plan against real training steps, where the measurement is exact: every live tensor's
+bytes of a real CPU step (PyTorch's MemTracker on real tensors), not the process's RSS; on a GPU,
+`torch.cuda.max_memory_allocated`.
+
+One process: the line traced on fake tensors at 2 and 4 images predicts real steps at 3, 5 and 6 images;
+three configurations cover both variants, sdpa and explicit attention, checkpointing off / selected /
+all, fp32 and bf16, 64 and 96 px. Several processes: every rank of real DDP, ZeRO-2 and ZeRO-3 runs
+through `accelerate launch`. The whole matrix (`launch/plan.py --validate`, every pairing of these and
+160 px, 4 ranks, size s) is larger; these are the part CI runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adyolo.config import RunConfig
+from adyolo.model import ModelConfig
+from adyolo.plan.trace import trace_step
+from adyolo.plan.validate import ONE_PROCESS, check_gpu, check_one_process, check_ranks
+from tests.engine.runs import environment
+
+TOLERANCE = 0.10  # what the plan promises; the measured errors are far smaller (README, "Will it fit?")
+
+
+@pytest.mark.parametrize("configuration", ONE_PROCESS[:3], ids=lambda c: "-".join(map(str, c[:5])))
+def test_the_traced_line_predicts_real_steps(configuration, tmp_path):
+    rows = check_one_process(*configuration, cache_dir=tmp_path)
+    assert rows and all(abs(r["error"]) < TOLERANCE for r in rows), rows
+
+
+def test_a_fake_trace_counts_what_a_real_step_allocates():
+    """The trace itself, not the line: the same step on fake and on real tensors."""
+    cfg = RunConfig(model=ModelConfig(size="n", fusion="full", img_size=64))
+    fake = trace_step(cfg.model, cfg.loss, cfg.optim, cfg.train, 2)
+    real = trace_step(cfg.model, cfg.loss, cfg.optim, cfg.train, 2, fake=False)
+    # Fake `nonzero` assumes every face matches every anchor: a few KiB more, never less.
+    assert 0 <= fake.peak_bytes - real.peak_bytes < 0.001 * real.peak_bytes
+    assert fake.parameters == real.parameters and fake.optimizer_state == real.optimizer_state > 0
+
+
+@pytest.fixture(scope="module")
+def rank_traces(tmp_path_factory):
+    """One trace cache for the rank checks: they plan the same model, so it is traced once."""
+    return tmp_path_factory.mktemp("plan-cache")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["0", "2", "3"], ids=["ddp", "zero2", "zero3"])
+def test_every_rank_of_a_two_process_run_is_predicted(zero, rank_traces, monkeypatch):
+    for name, value in environment().items():
+        monkeypatch.setenv(name, value)
+    rows = check_ranks(zero, 2, "n", cache_dir=rank_traces)
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert all(abs(r["error"]) < TOLERANCE for r in rows), rows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fusion", ["full", "efficient"])
+def test_the_gpu_prediction_matches_max_memory_allocated(fusion, tmp_path):
+    row = check_gpu(ModelConfig(size="s", fusion=fusion, img_size=640), 8, "bf16", tmp_path)
+    assert abs(row["error"]) < TOLERANCE, row
