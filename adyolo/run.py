@@ -5,7 +5,9 @@ the Accelerator (processes, precision, DeepSpeed, the batch split; a bad config 
 process group exists), the resolved config written and printed, the data (the main process generates
 the synthetic default first), the model and its cost, the training objects prepared by Accelerate,
 the resumed state, the MLflow run with what describes it. Each component receives only its own config
-section; this is the one place that knows the whole `RunConfig`.
+section; this is the one place that knows the whole `RunConfig`. First of all, the run's memory plan
+(`adyolo.plan.auto`) resolves `auto` settings and predicts the per-rank memory that MLflow shows
+beside the measured peaks.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import yaml
 
 from adyolo.config import RunConfig
 from adyolo.data.dataset import build_datasets, build_loader
-from adyolo.engine.accelerator import build_accelerator, rank_placement
+from adyolo.engine.accelerator import build_accelerator, launch_settings, rank_placement
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
 from adyolo.engine.setup import prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
 from adyolo.model.summary import summarize
+from adyolo.plan.auto import plan_run
 from adyolo.schema import to_dict
 from adyolo.tracking import Tracker, flatten, tracking_uri
 
@@ -33,9 +36,12 @@ SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTA
 def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
     """Everything a run needs, on this rank; `.fit()` trains it. `resume`: "latest" or a checkpoint
     folder, or None. Raises `ConfigError` / `BatchSplitError` before any process group or output exists."""
-    accelerator, split, precision, zero_stage = build_accelerator(
-        cfg.train, cfg.optim, cfg.output_dir, probe=probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train)
-    )
+    # The memory plan resolves `auto` settings before the Accelerator fixes the gradient accumulation;
+    # on a GPU a real probe step confirms a planned micro-batch.
+    cfg, plan = plan_run(cfg, launch_settings(cfg.train), main_process=int(os.environ.get("RANK", "0")) == 0)
+    auto_micro = plan is not None and "train.micro_batch" in plan.auto
+    probe = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train) if auto_micro else None
+    accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir, probe)
     config_dict = to_dict(cfg)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -76,6 +82,10 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
         accelerator.load_state(str(folder))
         accelerator.print(f"resumed from {folder}: epoch {state.epoch + 1}, step {state.step}")
 
+    if plan is not None:
+        step = prepared.step
+        modules = (accelerator.unwrap_model(step.model), step.ema.module)
+        plan.measure_baseline(sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers())))
     placement = rank_placement(accelerator)
     tracker = Tracker(
         accelerator.is_main_process,
@@ -97,6 +107,7 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
             "checkpointed_blocks": ",".join(summary.checkpointed) or "none",
             "parameters": summary.parameters,
             "gflops": round(summary.gflops, 3),
+            **(plan.params() if plan is not None else {}),
         }
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}

@@ -26,7 +26,7 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize("launcher,stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("ddp", 0)])
 def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
     out = tmp_path / launcher
-    overrides = ["epochs=4", "train.precision=bf16", "train.fitness=map50", *LEARNABLE]
+    overrides = ["epochs=4", "train.precision=bf16", "train.fitness=map50", "log.memory_plan=true", *LEARNABLE]
     proc = run(train_command(out, synthetic, *overrides, launcher=launcher))
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, mlrun = mlflow_run(out)
@@ -43,6 +43,11 @@ def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
         series = history(client, mlrun, f"memory/rank{rank}/peak_allocated_gib")
         assert len(series) == 16 and min(series.values()) > 0
     assert "memory/max/peak_allocated_gib" in mlrun.data.metrics
+    # The plan's whole-process prediction (tensors + this process's measured non-tensor memory) beside
+    # the peak RSS the trainer logged for rank 0.
+    assert params["plan.setting"] == "micro 2 x accum 1, ckpt off" and params["plan.device"] == "cpu"
+    measured = max(history(client, mlrun, "memory/rank0/peak_allocated_gib").values())
+    assert float(params["plan.predicted_rss_gib"]) == pytest.approx(measured, rel=0.2)
     assert {"val/ap_hard", "val/ap_easy", "val/map50"} <= set(mlrun.data.metrics)
     # best.pt holds the weights of the best evaluation by the configured fitness metric.
     best = torch.load(out / "best.pt", weights_only=True)
