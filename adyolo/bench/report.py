@@ -27,26 +27,35 @@ def fits(row: dict) -> str:
 
 
 def model_table(rows: list[dict], cuda: bool) -> str:
+    """The rows side by side. "predicted" is the memory plan's per-rank figure for the row (GPU: allocated;
+    CPU: peak RSS, the tensors plus the process's measured non-tensor memory, and in brackets the private
+    writable memory a per-process limit counts), made before its steps, so an OOM row shows it too;
+    "measured / predicted" compares it with the largest rank."""
     ran = [r for r in rows if "images_per_s" in r]
     ref = ran[0] if ran else None
     memory = "peak alloc GiB per rank | peak reserved GiB (max)" if cuda else "peak RSS GiB per rank | (same)"
     lines = [
-        f"| configuration | micro x ranks x accum | {memory} | img/s | TFLOP/s | img/s vs first | "
-        "memory vs first | fits |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| configuration | micro x ranks x accum | {memory} | predicted GiB | measured / predicted | img/s | "
+        "TFLOP/s | img/s vs first | memory vs first | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = label(r)
+        key = "predicted_allocated_gib" if cuda else "predicted_peak_gib"
+        predicted = f"{r[key]:.2f}" if key in r else "-"
+        if not cuda and "predicted_budget_use_gib" in r:  # what a per-process memory limit counts
+            predicted += f" (private {r['predicted_budget_use_gib']:.2f})"
         if "images_per_s" not in r:
             reason = f"OOM (rank {r['oom_rank']}): {r['oom']}" if "oom" in r else r["error"]
-            lines.append(f"| {name} | | {reason} | | - | - | - | - | {'no' if 'oom' in r else '-'} |")
+            lines.append(f"| {name} | | {reason} | | {predicted} | | - | - | - | - | {'no' if 'oom' in r else '-'} |")
             continue
         per_rank = " / ".join(f"{x['peak_allocated_gib']:.2f}" for x in r["ranks"])
         split = f"{r['micro_batch']} x {r['world_size']} x {r['accumulation']}"
         tflops = r["images_per_s"] * r["train_gflops_per_image"] / 1e3
+        ratio = f"{r['peak_allocated_gib'] / r[key]:.2f}" if key in r else "-"
         lines.append(
-            f"| {name} | {split} | {per_rank} | {r['peak_reserved_gib']:.2f} | {r['images_per_s']:.1f} | "
-            f"{tflops:.3g} | {r['images_per_s'] / ref['images_per_s']:.2f}x | "
+            f"| {name} | {split} | {per_rank} | {r['peak_reserved_gib']:.2f} | {predicted} | {ratio} | "
+            f"{r['images_per_s']:.1f} | {tflops:.3g} | {r['images_per_s'] / ref['images_per_s']:.2f}x | "
             f"{r['peak_allocated_gib'] / ref['peak_allocated_gib']:.2f}x | {fits(r) if cuda else '-'} |"
         )
     return "\n".join(lines) + "\n"

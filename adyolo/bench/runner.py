@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from adyolo.engine.accelerator import DS_CONFIGS
 from adyolo.engine.batching import split_global_batch
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 WORKER = "adyolo.bench.worker"
 EXIT_OOM = 17  # a rank ran out of memory; recorded in its rank file (see worker)
 
@@ -66,13 +66,16 @@ def run_row(row: dict, common: dict, row_dir: Path, timeout_s: float) -> dict:
 
 
 def collect(row_dir: Path, returncode: int | None) -> dict:
-    """What a row's processes left behind: the result, the first rank's OOM, or why there is neither."""
+    """What a row's processes left behind: the result, the first rank's OOM, or why there is neither;
+    with the plan's prediction for the row when the main process made it before the steps."""
+    plan = row_dir / "plan.json"
+    predicted = json.loads(plan.read_text()) if plan.is_file() else {}
     ooms = sorted(row_dir.glob("oom-rank*.json"))
     if ooms:
-        return json.loads(ooms[0].read_text())
+        return {**predicted, **json.loads(ooms[0].read_text())}
     result = row_dir / "result.json"
     if returncode == 0 and result.is_file():
-        return json.loads(result.read_text())
+        return {**predicted, **json.loads(result.read_text())}
     if returncode is None:
         return {"error": "timed out"}
     lines = (row_dir / "log.txt").read_text(errors="replace").strip().splitlines()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -24,12 +25,17 @@ from adyolo.bench.grid import overrides
 from adyolo.bench.runner import EXIT_OOM
 from adyolo.config import load_run_config
 from adyolo.data.batch import synthetic_batch
-from adyolo.engine.accelerator import build_accelerator
+from adyolo.engine.accelerator import build_accelerator, launch_settings
 from adyolo.engine.memory import FIELDS, snapshot
 from adyolo.engine.setup import prepare_training
 from adyolo.model import build_model
+from adyolo.plan.auto import RunPlan, zero_from
+from adyolo.plan.planner import Planner, Setting, checkpoint_name
 
 GIB = 2**30
+# How allocation failures read: CUDA's, and PyTorch's CPU allocator's (under a memory limit).
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
+PLAN_FILE = "plan.json"  # the main process's prediction for the row, written before any step
 # The schedule needs a length; the benchmark's few steps stay in its warm-up either way.
 SCHEDULE_STEPS_PER_EPOCH = 1000
 
@@ -41,8 +47,8 @@ def measure(spec: dict, out: Path) -> int:
         result = train_steps(spec, out)
     except torch.OutOfMemoryError as err:
         return record_oom(out, rank, err)
-    except RuntimeError as err:  # DeepSpeed and NCCL rewrap some allocation failures
-        if "out of memory" not in str(err).lower():
+    except RuntimeError as err:  # DeepSpeed and NCCL rewrap some allocation failures; the CPU's own
+        if not any(sign in str(err).lower() for sign in OUT_OF_MEMORY):
             raise
         return record_oom(out, rank, err)
     if result is not None:
@@ -59,11 +65,18 @@ def record_oom(out: Path, rank: int, err: BaseException) -> int:
 def train_steps(spec: dict, out: Path) -> dict | None:
     """Warm-up and timed optimizer steps; the result (main process) or None (other ranks)."""
     cfg = load_run_config(spec["config"], overrides(spec, spec))
+    launch = launch_settings(cfg.train)
     accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, out)
     device = accelerator.device
-    if device.type == "cuda" and spec["memory_budget_gib"]:
+    budget = spec["memory_budget_gib"]
+    if budget and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_budget_gib"] * GIB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GIB / total), device)
+    elif budget:
+        # A smaller machine: this process's private writable memory (heap, tensors) may not exceed the
+        # budget; an allocation beyond it fails as on a GPU that is full.
+        limit = int(budget * GIB)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.manual_seed(0)
     prepared = prepare_training(
         build_model(cfg.model),
@@ -77,6 +90,8 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         epochs=1,
         steps_per_epoch=SCHEDULE_STEPS_PER_EPOCH,
     )
+    if accelerator.is_main_process:
+        (out / PLAN_FILE).write_text(json.dumps(predict_row(cfg, launch, split, prepared.step, accelerator)))
     batches = itertools.repeat(
         synthetic_batch(split.micro_batch, cfg.model.img_size, device, accelerator.process_index)
     )
@@ -111,6 +126,29 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         "peak_allocated_gib": max(r["peak_allocated_gib"] for r in ranks),
         "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def predict_row(cfg, launch, split, step, accelerator) -> dict:
+    """The memory plan's per-rank prediction for this row (GiB): on a GPU what max_memory_allocated and
+    the device show; on a CPU the tensors, plus this process's non-tensor memory measured now, i.e. the
+    peak RSS."""
+    run_plan = RunPlan(
+        Planner(cfg.model, cfg.loss, cfg.optim, cfg.train, launch.precision).predict(
+            Setting(split.micro_batch, split.accumulation, checkpoint_name(cfg.model.checkpoint)),
+            split.world_size,
+            zero_from(launch),
+            "gpu" if accelerator.device.type == "cuda" else "cpu",
+        ),
+        auto=(),
+        budget_gib=None,
+    )
+    modules = (accelerator.unwrap_model(step.model), step.ema.module)
+    run_plan.measure_baseline(sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers())))
+    return {
+        "predicted_allocated_gib": run_plan.prediction.allocated / GIB,
+        "predicted_peak_gib": run_plan.predicted_peak / GIB,
+        "predicted_budget_use_gib": run_plan.predicted_budget_use / GIB,
     }
 
 
