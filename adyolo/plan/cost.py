@@ -26,7 +26,7 @@ import adyolo
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.loss.config import LossConfig
 from adyolo.model import ModelConfig
-from adyolo.plan.trace import StepTrace, trace_step
+from adyolo.plan.trace import StepTrace, trace_steps
 from adyolo.schema import to_dict
 
 FIT_BATCHES = (2, 4)
@@ -81,7 +81,7 @@ def step_memory(
     if cache.is_file():
         traces = tuple(StepTrace.from_dict(t) for t in json.loads(cache.read_text())["traces"])
     else:
-        traces = tuple(trace_step(model_cfg, loss_cfg, optim, train, b, precision) for b in FIT_BATCHES)
+        traces = tuple(trace_steps(model_cfg, loss_cfg, optim, train, FIT_BATCHES, precision))
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"traces": [t.as_dict() for t in traces]}))

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import itertools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -197,30 +197,63 @@ def trace_step(
     """The tensor memory of one training step of this configuration at `micro_batch` images per
     process (`precision` "bf16": the forward under CPU autocast). `fake=False` runs the same step on
     real tensors: the measurement a trace is checked against."""
+    return trace_steps(model_cfg, loss_cfg, optim, train, (micro_batch,), precision, fake)[0]
+
+
+def trace_steps(
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    micro_batches: Sequence[int],
+    precision: str = "fp32",
+    fake: bool = True,
+) -> list[StepTrace]:
+    """`trace_step` at each of `micro_batches`, one model built for all: each counted step is a steady
+    step of the same run, the optimizer's state and the EMA already there."""
     dtype = torch.bfloat16 if precision == "bf16" else None
     # channels_last changes strides, not bytes; compiling would trace something else than the step.
     train = dataclasses.replace(train, channels_last=False, compile=False)
-    tracker = PeakMemTracker()
+    traces = []
     with contextlib.ExitStack() as stack:
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(AssumeTheTrainingPath())
         step = bare_step(model_cfg, loss_cfg, optim, train, torch.device("cpu"), dtype)
-        batch = synthetic_batch(micro_batch, model_cfg.img_size)
-        batches = itertools.repeat(batch)
-        # The first step creates the optimizer's state; the second, counted, is what every later step
-        # needs. What lives between the two steps is registered with the tracker.
-        step.run_window(batches, step=0)
-        tracker.track_external(step.model, step.optimizer, step.ema.module, batch["images"], batch["targets"])
-        with tracker, tracker.phases() as peaks:
-            step.run_window(batches, step=1)
-        after = tracker.get_tracker_snapshot("current")
-    backward, optimizer_step = peaks
-    return StepTrace(
-        micro_batch=micro_batch,
-        backward_peak=backward[_TOTAL],
-        step_peak=optimizer_step[_TOTAL],
-        at_peak=categories(max(backward, optimizer_step, key=lambda snap: snap[_TOTAL])),
-        parameters=sum(p.numel() * p.element_size() for p in step.model.parameters()),
-        optimizer_state=sum(int(snap.get("Optstate", 0)) for snap in after.values()),
-    )
+        if fake:
+            # A first step on zero gradients leaves what a first training step leaves (a whole
+            # forward and backward on fake tensors would double the trace's time for nothing it keeps).
+            _first_optimizer_step(step)
+        else:
+            step.run_window(itertools.repeat(synthetic_batch(micro_batches[0], model_cfg.img_size)), step=0)
+        for micro_batch in micro_batches:
+            batch = synthetic_batch(micro_batch, model_cfg.img_size)
+            # What lives between steps is registered with a fresh tracker; the step's own tensors it sees.
+            tracker = PeakMemTracker()
+            tracker.track_external(step.model, step.optimizer, step.ema.module, batch["images"], batch["targets"])
+            with tracker, tracker.phases() as peaks:
+                step.run_window(itertools.repeat(batch), step=1)
+            after = tracker.get_tracker_snapshot("current")
+            backward, optimizer_step = peaks
+            traces.append(
+                StepTrace(
+                    micro_batch=micro_batch,
+                    backward_peak=backward[_TOTAL],
+                    step_peak=optimizer_step[_TOTAL],
+                    at_peak=categories(max(backward, optimizer_step, key=lambda snap: snap[_TOTAL])),
+                    parameters=sum(p.numel() * p.element_size() for p in step.model.parameters()),
+                    optimizer_state=sum(int(snap.get("Optstate", 0)) for snap in after.values()),
+                )
+            )
+            del batch, tracker
+    return traces
+
+
+def _first_optimizer_step(step) -> None:
+    """What a first training step leaves behind that later steps keep: the optimizer's state (from a
+    step on zero gradients, which training then drops). The EMA's weights exist from the start."""
+    params = [p for p in step.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
