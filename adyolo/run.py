@@ -86,6 +86,7 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
         step = prepared.step
         modules = (accelerator.unwrap_model(step.model), step.ema.module)
         plan.measure_baseline(sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers())))
+        accelerator.print(plan.summary())
     placement = rank_placement(accelerator)
     tracker = Tracker(
         accelerator.is_main_process,

@@ -63,6 +63,13 @@ class RunPlan:
             return self.prediction.device_total
         return self.prediction.allocated + self.data_baseline
 
+    def summary(self) -> str:
+        """One line for the terminal: the setting, how it was chosen, the predicted peak."""
+        p = self.prediction
+        chosen = f" (auto: {', '.join(self.auto)}, within {self.budget_gib:.1f} GiB)" if self.auto else ""
+        what = "device memory" if p.device == "gpu" else "peak RSS"
+        return f"memory plan: {p.setting}{chosen}; predicted {what} per rank {self.predicted_peak / GIB:.2f} GiB"
+
     def params(self) -> dict[str, object]:
         """For MLflow, beside the measured `memory/*` peaks (GiB)."""
         p, s = self.prediction, self.prediction.setting

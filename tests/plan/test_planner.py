@@ -93,3 +93,4 @@ def test_a_run_without_auto_plans_only_on_the_main_process_for_its_log():
     assert auto.plan_run(cfg, launch, main_process=False) == (cfg, None)
     same, plan = auto.plan_run(cfg, launch, main_process=True)
     assert same is cfg and plan.prediction.setting == Setting(4, 1, "off") and plan.prediction.zero == "zero2"
+    assert plan.summary().startswith("memory plan: micro 4 x accum 1, ckpt off; predicted peak RSS per rank ")
