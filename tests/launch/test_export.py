@@ -44,7 +44,17 @@ def test_trained_weights_export_fixed_and_dynamic_and_detect_like_pytorch(traine
         assert sum(len(e) for e in expected) > 0  # the trained detector scores some anchors above 0.01
         for g, e in zip(got, expected):
             assert g.shape == e.shape
-            torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-4)  # pixels: 1e-3 px
+            assert_same_detections(g, e, atol=1e-3, rtol=1e-4)  # pixels: 1e-3 px
+
+
+def assert_same_detections(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+    """The same detections (`DetectionRow`s), in any order: NMS sorts by score, and two scores equal to
+    float noise can come out in either order from two runtimes (seen on an AMD EPYC CPU)."""
+    difference = (got[:, None, :] - expected[None, :, :]).abs()
+    close = (difference <= atol + rtol * expected[None, :, :].abs()).all(-1)  # [got, expected]
+    match = difference.amax(-1).argmin(1)  # each got row's nearest expected row
+    assert close[torch.arange(len(got)), match].all(), (got, expected)
+    assert sorted(match.tolist()) == list(range(len(expected)))  # one to one
 
 
 def test_full_attention_sdpa_exports_with_dynamic_shapes(tmp_path):
