@@ -83,9 +83,7 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
         accelerator.print(f"resumed from {folder}: epoch {state.epoch + 1}, step {state.step}")
 
     if plan is not None:
-        step = prepared.step
-        modules = (accelerator.unwrap_model(step.model), step.ema.module)
-        plan.measure_baseline(sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers())))
+        plan.measure_baseline(prepared.step.weight_bytes())
         accelerator.print(plan.summary())
     placement = rank_placement(accelerator)
     tracker = Tracker(

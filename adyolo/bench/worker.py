@@ -29,8 +29,7 @@ from adyolo.engine.accelerator import build_accelerator, launch_settings
 from adyolo.engine.memory import FIELDS, snapshot
 from adyolo.engine.setup import prepare_training
 from adyolo.model import build_model
-from adyolo.plan.auto import RunPlan, zero_from
-from adyolo.plan.planner import Planner, Setting, checkpoint_name
+from adyolo.plan.auto import plan_setting
 
 GIB = 2**30
 # How allocation failures read: CUDA's, and PyTorch's CPU allocator's (under a memory limit).
@@ -91,7 +90,7 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         steps_per_epoch=SCHEDULE_STEPS_PER_EPOCH,
     )
     if accelerator.is_main_process:
-        (out / PLAN_FILE).write_text(json.dumps(predict_row(cfg, launch, split, prepared.step, accelerator)))
+        (out / PLAN_FILE).write_text(json.dumps(predict_row(cfg, launch, split, prepared.step, device)))
     batches = itertools.repeat(
         synthetic_batch(split.micro_batch, cfg.model.img_size, device, accelerator.process_index)
     )
@@ -129,22 +128,12 @@ def train_steps(spec: dict, out: Path) -> dict | None:
     }
 
 
-def predict_row(cfg, launch, split, step, accelerator) -> dict:
+def predict_row(cfg, launch, split, step, device: torch.device) -> dict:
     """The memory plan's per-rank prediction for this row (GiB): on a GPU what max_memory_allocated and
     the device show; on a CPU the tensors, plus this process's non-tensor memory measured now, i.e. the
     peak RSS."""
-    run_plan = RunPlan(
-        Planner(cfg.model, cfg.loss, cfg.optim, cfg.train, launch.precision).predict(
-            Setting(split.micro_batch, split.accumulation, checkpoint_name(cfg.model.checkpoint)),
-            split.world_size,
-            zero_from(launch),
-            "gpu" if accelerator.device.type == "cuda" else "cpu",
-        ),
-        auto=(),
-        budget_gib=None,
-    )
-    modules = (accelerator.unwrap_model(step.model), step.ema.module)
-    run_plan.measure_baseline(sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers())))
+    run_plan = plan_setting(cfg, launch, split, "gpu" if device.type == "cuda" else "cpu")
+    run_plan.measure_baseline(step.weight_bytes())
     return {
         "predicted_allocated_gib": run_plan.prediction.allocated / GIB,
         "predicted_peak_gib": run_plan.predicted_peak / GIB,

@@ -143,6 +143,12 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         return MicroStep(window_ended=True, nonfinite=nonfinite)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights and buffers this step keeps alive between steps: the model's and the
+        EMA's (the memory plan tells them apart from a process's other memory)."""
+        modules = [self.acc.unwrap_model(self.model), *([self.ema.module] if self.ema is not None else [])]
+        return sum(t.nbytes for m in modules for t in (*m.parameters(), *m.buffers()))
+
     def run_window(self, batches: Iterator[dict], step: int) -> Window:
         """Micro-batches from `batches` until the window ends; the window (benchmark, probe)."""
         window = Window()

@@ -22,7 +22,7 @@ import torch
 
 from adyolo.config import RunConfig
 from adyolo.engine.accelerator import LaunchSettings
-from adyolo.engine.batching import split_global_batch
+from adyolo.engine.batching import BatchSplit, split_global_batch
 from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Prediction, Setting, checkpoint_name
 from adyolo.plan.terms import GIB, ZeroSettings
 from adyolo.schema import ConfigError
@@ -116,13 +116,12 @@ def plan_run(cfg: RunConfig, launch: LaunchSettings, main_process: bool) -> tupl
     # On a CPU, the process's private memory before the model: the auto budget must hold it too (the
     # logged prediction re-measures both baselines just before training, `measure_baseline`).
     resident, private = process_memory() if device == "cpu" else (0.0, 0.0)
-    model = cfg.model if cfg.model.checkpoint != "auto" else dataclasses.replace(cfg.model, checkpoint=[])
-    planner = Planner(model, cfg.loss, cfg.optim, cfg.train, launch.precision)
     zero, world, global_batch = zero_from(launch), launch.world_size, cfg.train.global_batch
     if not auto:
         split = split_global_batch(global_batch, world, cfg.train.micro_batch)
-        setting = Setting(split.micro_batch, split.accumulation, checkpoint_name(cfg.model.checkpoint))
-        return cfg, RunPlan(planner.predict(setting, world, zero, device), (), None, resident, private)
+        return cfg, plan_setting(cfg, launch, split, device, resident, private)
+    model = cfg.model if cfg.model.checkpoint != "auto" else dataclasses.replace(cfg.model, checkpoint=[])
+    planner = Planner(model, cfg.loss, cfg.optim, cfg.train, launch.precision)
 
     budget = cfg.train.memory_budget_gib or default_budget_gib(launch.local_world_size)
     fixed_micro = (
@@ -157,6 +156,17 @@ def plan_run(cfg: RunConfig, launch: LaunchSettings, main_process: bool) -> tupl
         model=dataclasses.replace(cfg.model, checkpoint=list(setting.blocks)),
     )
     return cfg, RunPlan(chosen, auto, budget, resident, private)
+
+
+def plan_setting(
+    cfg: RunConfig, launch: LaunchSettings, split: BatchSplit, device: str, resident: float = 0.0, private: float = 0.0
+) -> RunPlan:
+    """The plan of a run whose setting is fixed: its config's checkpointing at `split`, on `device`
+    ("gpu" | "cpu"); `resident` and `private`: this process's memory so far (CPU)."""
+    planner = Planner(cfg.model, cfg.loss, cfg.optim, cfg.train, launch.precision)
+    setting = Setting(split.micro_batch, split.accumulation, checkpoint_name(cfg.model.checkpoint))
+    prediction = planner.predict(setting, split.world_size, zero_from(launch), device)
+    return RunPlan(prediction, (), None, resident, private)
 
 
 def process_memory() -> tuple[float, float]:

@@ -20,13 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from adyolo.config import load_run_config
 from adyolo.data.batch import synthetic_batch
 from adyolo.engine.accelerator import build_accelerator
-from adyolo.engine.setup import prepare_training
-from adyolo.model import build_model
+from adyolo.engine.setup import prepare_training, seeded_model
 from adyolo.plan.trace import PeakMemTracker, categories
 
 
@@ -36,9 +33,8 @@ def measure_run(overrides: list[str], out: Path, config: str | None = None) -> d
     tracker = PeakMemTracker()
     with tracker:
         accelerator, split, _, zero_stage = build_accelerator(cfg.train, cfg.optim, out)
-        torch.manual_seed(cfg.train.seed)
         prepared = prepare_training(
-            build_model(cfg.model),
+            seeded_model(cfg.model, cfg.train.seed),
             cfg.model,
             cfg.loss,
             cfg.optim,
