@@ -162,6 +162,7 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes,
             external_data=False,  # one self-contained file (the largest size is ~40 MB, far below 2 GB)
             optimize=True,
+            verbose=False,  # its step-by-step progress lines; a failure still raises with the reason
         )
     seconds = time.perf_counter() - start
     input_shape: list[int | str] = ["batch", 3, "height", "width"] if dynamic else [batch, 3, height, width]

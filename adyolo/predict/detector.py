@@ -10,7 +10,9 @@ image), so `launch/detect.py` only reads files and writes pictures and JSON.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +38,23 @@ def detect_batch(
     with amp:
         raw = model(images.float() / 255)
     return postprocess(model.head.decode(raw), conf_threshold, iou_threshold)
+
+
+@dataclass
+class Speed:
+    """Where a `Detector`'s time went, summed over every call."""
+
+    images: int = 0
+    preprocess_s: float = 0.0  # letterbox, BGR -> RGB, stacking
+    inference_s: float = 0.0  # forward pass, decode and NMS (on the device)
+    postprocess_s: float = 0.0  # back to the original image's pixels, clipping
+
+    def __str__(self) -> str:
+        n = max(self.images, 1)
+        return (
+            f"{1000 * self.preprocess_s / n:.1f} ms pre-process, {1000 * self.inference_s / n:.1f} ms network + NMS, "
+            f"{1000 * self.postprocess_s / n:.1f} ms post-process per image"
+        )
 
 
 class Detector:
@@ -64,6 +83,7 @@ class Detector:
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
         self.autocast_dtype = autocast_dtype
+        self.speed = Speed()
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[float, float, float]]:
         """BGR [H, W, 3] -> (RGB uint8 [3, S, S] letterboxed, (ratio, pad_x, pad_y)), as the val dataset does."""
@@ -81,13 +101,22 @@ class Detector:
     def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         if not len(images):
             return []
+        start = time.perf_counter()
         inputs, infos = zip(*(self.preprocess(image) for image in images))
+        batch = torch.stack(inputs)
+        letterboxed = time.perf_counter()
+        detections = self.detect_letterboxed(batch)  # on CPU again: the device has finished
+        detected = time.perf_counter()
         results = []
-        for dets, (ratio, pad_x, pad_y), image in zip(self.detect_letterboxed(torch.stack(inputs)), infos, images):
+        for dets, (ratio, pad_x, pad_y), image in zip(detections, infos, images):
             dets = unletterbox(dets, ratio, pad_x, pad_y).numpy()
             h, w = image.shape[:2]
             dets[:, DetectionRow.BOX] = dets[:, DetectionRow.BOX].clip(0, [w, h, w, h])
             results.append(dets)
+        self.speed.images += len(images)
+        self.speed.preprocess_s += letterboxed - start
+        self.speed.inference_s += detected - letterboxed
+        self.speed.postprocess_s += time.perf_counter() - detected
         return results
 
 

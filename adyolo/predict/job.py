@@ -80,6 +80,7 @@ def detect(request: DetectionRequest) -> Path:
         count = sum(len(f["detections"]) for f in record["frames"])
         seconds = time.perf_counter() - start
         print(f"{len(record['frames'])} frames, {count} faces -> {video}, {json_path} ({seconds:.1f} s)")
+        print(f"speed: {detector.speed} at {img_size}x{img_size} (batch {request.batch}, {device})")
         return json_path
     root = source if kind == "folder" else source.parent
     result = detect_images(detector, paths, root, out, request.batch)
@@ -89,6 +90,7 @@ def detect(request: DetectionRequest) -> Path:
     skipped = f", {len(result['skipped'])} unreadable skipped" if result["skipped"] else ""
     seconds = time.perf_counter() - start
     print(f"{len(result['images'])} images, {count} faces{skipped} -> {out}/ ({json_path.name}; {seconds:.1f} s)")
+    print(f"speed: {detector.speed} at {img_size}x{img_size} (batch {request.batch}, {device})")
     return json_path
 
 
@@ -116,28 +118,33 @@ def check_source(source: str) -> tuple[str, list[Path]]:
 
 def detect_images(detector: Detector, paths: list[Path], root: Path, out: Path, batch: int) -> dict:
     """Annotated copies under `out` (same relative paths as under `root`) and the JSON record:
-    {"images": [{"path", "width", "height", "detections"}], "skipped": [unreadable paths]}."""
+    {"images": [{"path", "width", "height", "detections"}], "skipped": [unreadable paths]}. Prints a line
+    per image: its number, path, size, faces found and the time per image of its batch."""
     records, skipped = [], []
-    with tqdm(total=len(paths), desc="detect", unit="img", disable=len(paths) == 1) as bar:
-        for chunk in batched(paths, batch):
-            images, kept = [], []
-            for path in chunk:
-                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-                if image is None:  # one bad file must not end a long folder run
-                    tqdm.write(f"warning: skipping unreadable image {path}", file=sys.stderr)
-                    skipped.append(str(path))
-                else:
-                    images.append(image)
-                    kept.append(path)
-            for path, image, dets in zip(kept, images, detector(images)):
-                target = out / path.relative_to(root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(target), draw_detections(image, dets))
-                height, width = image.shape[:2]
-                records.append(
-                    {"path": str(path), "width": width, "height": height, "detections": detections_to_json(dets)}
-                )
-            bar.update(len(chunk))
+    number = {path: i + 1 for i, path in enumerate(paths)}
+    for chunk in batched(paths, batch):
+        images, kept = [], []
+        for path in chunk:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:  # one bad file must not end a long folder run
+                print(f"warning: skipping unreadable image {path}", file=sys.stderr)
+                skipped.append(str(path))
+            else:
+                images.append(image)
+                kept.append(path)
+        start = time.perf_counter()
+        found = detector(images)
+        per_image_ms = 1000 * (time.perf_counter() - start) / max(len(images), 1)
+        for path, image, dets in zip(kept, images, found):
+            target = out / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(target), draw_detections(image, dets))
+            height, width = image.shape[:2]
+            records.append(
+                {"path": str(path), "width": width, "height": height, "detections": detections_to_json(dets)}
+            )
+            faces = f"{len(dets)} face{'s' if len(dets) != 1 else ''}"
+            print(f"image {number[path]}/{len(paths)} {path}: {width}x{height}, {faces}, {per_image_ms:.1f} ms")
     return {"images": records, "skipped": skipped}
 
 

@@ -49,7 +49,19 @@ def test_folder_writes_pictures_and_json_in_original_pixels(trained_run, detecto
     (source / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
     assert detect(request(trained_run / "best.pt", source, out, device="cpu")) == out / "detections.json"
-    assert "skipping unreadable image" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "skipping unreadable image" in printed.err
+    # A line per image (its number among the 4 files, path, size, faces, time) and the speed per stage.
+    lines = printed.out.splitlines()
+    numbers = set()
+    for i, line in enumerate(lines[:3]):
+        height, width = read(source / "sub" / f"{i}.png").shape[:2]
+        found = re.fullmatch(rf"image (\d)/4 {source}/sub/{i}\.png: {width}x{height}, \d+ faces?, [\d.]+ ms", line)
+        assert found, lines
+        numbers.add(int(found.group(1)))
+    assert len(numbers) == 3 and numbers < {1, 2, 3, 4}
+    speed = r"speed: [\d.]+ ms pre-process, [\d.]+ ms network \+ NMS, [\d.]+ ms post-process per image"
+    assert re.fullmatch(rf"{speed} at 96x96 \(batch 2, cpu\)", lines[-1]), lines
     result = json.loads((out / "detections.json").read_text())
     assert result["skipped"] == [str(source / "broken.jpg")]
     assert [r["path"] for r in result["images"]] == [str(source / "sub" / f"{i}.png") for i in range(3)]
