@@ -13,6 +13,7 @@ beside the measured peaks.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -22,12 +23,14 @@ from adyolo.data.dataset import build_datasets, build_loader
 from adyolo.engine.accelerator import build_accelerator, launch_settings, rank_placement
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
+from adyolo.engine.noise import quiet_known_noise
+from adyolo.engine.report import RunReport
 from adyolo.engine.setup import prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
 from adyolo.model.summary import summarize
 from adyolo.plan.auto import plan_run
 from adyolo.schema import to_dict
-from adyolo.tracking import Tracker, flatten, tracking_uri
+from adyolo.tracking import Tracker, default_store_uri, flatten, tracking_uri
 
 # Where a Slurm job ran, for the MLflow run (slurm/train.sh).
 SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
@@ -38,7 +41,9 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
     folder, or None. Raises `ConfigError` / `BatchSplitError` before any process group or output exists."""
     # The memory plan resolves `auto` settings before the Accelerator fixes the gradient accumulation;
     # on a GPU a real probe step confirms a planned micro-batch.
-    cfg, plan = plan_run(cfg, launch_settings(cfg.train), main_process=int(os.environ.get("RANK", "0")) == 0)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    quiet_known_noise(main_process)
+    cfg, plan = plan_run(cfg, launch_settings(cfg.train), main_process=main_process)
     auto_micro = plan is not None and "train.micro_batch" in plan.auto
     probe = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train) if auto_micro else None
     accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir, probe)
@@ -47,10 +52,7 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         print(yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None), end="")
-    accelerator.print(
-        f"{split}; precision {precision}; "
-        f"{'DeepSpeed ZeRO-' + str(zero_stage) if zero_stage else accelerator.distributed_type.name}"
-    )
+    accelerator.print(f"{split}; {precision}; {distribution(accelerator, zero_stage)}")
 
     # Data: the main process generates the synthetic default (if needed) before the others read it.
     with accelerator.main_process_first():
@@ -86,13 +88,15 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
         plan.measure_baseline(prepared.step.weight_bytes())
         accelerator.print(plan.summary())
     placement = rank_placement(accelerator)
+    uri = tracking_uri(cfg.log.tracking_uri, cfg.output_dir)
     tracker = Tracker(
         accelerator.is_main_process,
-        tracking_uri(cfg.log.tracking_uri, cfg.output_dir),
+        uri,
         cfg.log.experiment,
         cfg.output_dir,
-        cfg.log.run_name,
+        cfg.log.run_name or run_name(cfg, split.world_size, accelerator.device.type, zero_stage),
         state.mlflow_run_id,
+        system_metrics=cfg.log.system_metrics,
     )
     state.mlflow_run_id = tracker.run_id
     tracker.log_params(
@@ -111,8 +115,65 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}
     tracker.set_tags({**placement, **slurm, "distributed_type": accelerator.distributed_type.name})
+    description = describe(cfg, split, precision, distribution(accelerator, zero_stage), summary)
+    tracker.describe(description)
     if accelerator.is_main_process:
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
+    report = RunReport(
+        tracker,
+        cfg.output_dir,
+        accelerator.device.type,
+        split.world_size,
+        cfg.train.fitness,
+        cfg.log.num_val_images,
+        ui_command(uri, cfg.output_dir, tracker),
+    )
 
-    parts = TrainerParts(accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker)
+    parts = TrainerParts(
+        accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker, report, description
+    )
     return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, config_dict, precision)
+
+
+def distribution(accelerator, zero_stage: int) -> str:
+    """How the ranks share the work, in words: "one process (cpu)", "DDP over 8 processes (cuda)", ..."""
+    device = accelerator.device.type
+    if zero_stage:
+        return f"DeepSpeed ZeRO-{zero_stage} over {accelerator.num_processes} processes ({device})"
+    if accelerator.num_processes > 1:
+        return f"DDP over {accelerator.num_processes} processes ({device})"
+    return f"one process ({device})"
+
+
+def run_name(cfg: RunConfig, world_size: int, device_type: str, zero_stage: int) -> str:
+    """What ran, as the MLflow run's name: e.g. `efficient-n-256px-1cpu`, `full-sdpa-s-640px-16gpu-zero2`."""
+    fusion = f"full-{cfg.model.attention}" if cfg.model.fusion == "full" else cfg.model.fusion
+    processes = f"{world_size}{'gpu' if device_type == 'cuda' else 'cpu'}"
+    scheme = f"-zero{zero_stage}" if zero_stage else ("-ddp" if world_size > 1 else "")
+    return f"{fusion}-{cfg.model.size}-{cfg.model.img_size}px-{processes}{scheme}"
+
+
+def describe(cfg: RunConfig, split, precision: str, distribution_text: str, summary) -> str:
+    """The MLflow run's description (Markdown), completed with the result at the end of the run."""
+    data = cfg.data.train or f"synthetic ({cfg.data.synthetic.num_train} train / {cfg.data.synthetic.num_val} val)"
+    return "\n".join(
+        [
+            f"**ADYOLOv5-Face** size {cfg.model.size}, fusion {cfg.model.fusion}"
+            + (f" ({cfg.model.attention} attention)" if cfg.model.fusion == "full" else "")
+            + f", {cfg.model.img_size} px, {summary.parameters / 1e6:.2f} M parameters, {summary.gflops:.1f} GFLOPs",
+            f"- {cfg.epochs} epochs; {split}; {precision}; {distribution_text}",
+            f"- data: {data}; best.pt chosen by {cfg.train.fitness}",
+            f"- output: {Path(cfg.output_dir).resolve()}",
+            "- read: `best/*` metrics (the epoch best.pt is from), `val/*` per epoch, `memory/<kind>/rank<r>` per rank;"
+            " artifacts `best/` and `last/` hold the pictures of best.pt and last.pt, `weights/` both files",
+        ]
+    )
+
+
+def ui_command(uri: str, output_dir: str | Path, tracker: Tracker) -> str:
+    """How to open this run in the MLflow UI."""
+    if uri != default_store_uri(output_dir):
+        return f"{uri} (run {tracker.run_id})"
+    python = Path(sys.executable)
+    with_venv = os.path.relpath(python) if python.is_relative_to(Path.cwd()) else "python"
+    return f"{with_venv} launch/ui.py {output_dir}   (then open the URL it prints)"

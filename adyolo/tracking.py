@@ -1,13 +1,23 @@
 """MLflow: one run per training job, written by the main process only.
 
 The store defaults to a SQLite file in the run directory (`sqlite:///<output_dir>/mlflow.db`),
-with artifacts beside it; $MLFLOW_TRACKING_URI or `log.tracking_uri` point elsewhere (a server,
-for many writers). A resumed job continues the same MLflow run.
+with artifacts beside it in `<output_dir>/mlartifacts`; $MLFLOW_TRACKING_URI or `log.tracking_uri`
+point elsewhere (a server, for many writers). A resumed job continues the same MLflow run.
+
+MLflow stores artifact locations as absolute paths. A run folder that is copied or moved keeps its
+artifacts reachable because `relocate_store` points the store at the folder it now lies in; the
+trainer does this when it opens the store, and `launch/ui.py` before it starts the UI.
+
+The experiment is tagged as model training (`mlflow.experimentKind`), so MLflow 3's UI opens it in
+its training view rather than the GenAI one. Metric values are rounded to 6 significant digits:
+float noise in the 15th digit only makes the UI's tables harder to read.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +25,12 @@ from typing import Any
 import mlflow
 
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer parameter values
+STORE_FILE = "mlflow.db"
+ARTIFACTS_FOLDER = "mlartifacts"
+# MLflow 3's UI shows an experiment in its GenAI or its model-training view by this tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI
+SIGNIFICANT_DIGITS = 6
 
 
 def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -22,7 +38,11 @@ def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    return default_store_uri(output_dir)
+
+
+def default_store_uri(output_dir: str | Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / STORE_FILE}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -35,6 +55,37 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def rounded(value: float) -> float:
+    """`value` to `SIGNIFICANT_DIGITS` significant digits (0.30000000000000004 -> 0.3)."""
+    return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")
+
+
+def relocate_store(output_dir: str | Path) -> bool:
+    """Point the run folder's own store (`<output_dir>/mlflow.db`) at the artifacts beside it, if it was
+    written in another place (a copied or moved run folder). Returns whether anything changed. A store
+    that is not there, or whose artifacts live elsewhere by choice (not in an `mlartifacts` folder),
+    is left alone."""
+    folder = Path(output_dir).resolve()
+    db = folder / STORE_FILE
+    if not db.is_file():
+        return False
+    here = (folder / ARTIFACTS_FOLDER).as_uri()
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT artifact_location FROM experiments").fetchall()
+        old = {loc for (loc,) in rows if loc and loc.endswith("/" + ARTIFACTS_FOLDER) and loc != here}
+        for location in old:
+            for table, column in (
+                ("experiments", "artifact_location"),
+                ("runs", "artifact_uri"),
+                ("logged_models", "artifact_location"),
+            ):
+                connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                    (here, len(location) + 1, len(location), location),
+                )
+    return bool(old)
 
 
 def _set_tracking_uri(uri: str) -> None:
@@ -57,8 +108,20 @@ def _run_exists(run_id: str) -> bool:
     return True
 
 
+def _system_metrics_available() -> bool:
+    try:
+        import psutil  # noqa: F401  (MLflow's CPU/RAM/disk monitor)
+    except ImportError:
+        return False
+    return True
+
+
 class Tracker:
-    """Thin wrapper so the loop never asks who may write: every call is a no-op off the main process."""
+    """Thin wrapper so the loop never asks who may write: every call is a no-op off the main process.
+
+    `system_metrics`: MLflow's system-metrics logging (its own thread, in this process: the main
+    process's node) where psutil is installed; GPUs are included where nvidia-ml-py is. It samples every
+    10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL changes that)."""
 
     def __init__(
         self,
@@ -68,22 +131,38 @@ class Tracker:
         output_dir: str | Path,
         run_name: str | None = None,
         run_id: str | None = None,
+        system_metrics: bool = False,
     ):
         self.enabled = enabled
         self.run_id = run_id
         if not enabled:
             return
+        # "Creating initial MLflow database tables..." and the like, on every new store.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ..."
+        if uri == default_store_uri(output_dir):
+            relocate_store(output_dir)
         _set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
-            artifacts = (Path(output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-            experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+            artifacts = (Path(output_dir).resolve() / ARTIFACTS_FOLDER).as_uri() if uri.startswith("sqlite") else None
+            experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
         else:
             experiment_id = found.experiment_id
+            for key, value in EXPERIMENT_KIND.items():
+                if found.tags.get(key) != value:
+                    mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
         if run_id is not None and not _run_exists(run_id):
             run_id = None  # resumed from a checkpoint written with another store: start a new run
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name)
+        self.run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            run_name=run_name,
+            log_system_metrics=system_metrics and _system_metrics_available(),
+        )
         self.run_id = self.run.info.run_id
+        self.artifact_uri = self.run.info.artifact_uri
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -96,13 +175,31 @@ class Tracker:
         if self.enabled:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def describe(self, markdown: str) -> None:
+        """The run's description (the UI's "Description" box)."""
+        self.set_tags({DESCRIPTION_TAG: markdown})
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.enabled:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            mlflow.log_metrics({k: rounded(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled:
             mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_artifacts(self, local_dir: str | Path, folder: str | None = None) -> None:
+        if self.enabled:
+            mlflow.log_artifacts(str(local_dir), artifact_path=folder)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a metric logged so far in this run, also by the job before a resume."""
+        if not self.enabled:
+            return []
+        found = mlflow.MlflowClient().get_metric_history(self.run_id, key)
+        return sorted((m.step, m.value) for m in found)
+
+    def metric_keys(self) -> list[str]:
+        return sorted(mlflow.get_run(self.run_id).data.metrics) if self.enabled else []
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:

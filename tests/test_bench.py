@@ -73,7 +73,8 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = run.data.metrics
-    assert metrics["efficient fp32 ckpt-off z2 b4/images_per_s"] == pytest.approx(rows[3]["images_per_s"])
+    # MLflow holds 6 significant digits.
+    assert metrics["efficient fp32 ckpt-off z2 b4/images_per_s"] == pytest.approx(rows[3]["images_per_s"], rel=1e-5)
     assert metrics["full/sdpa fp32 ckpt-off ddp b4/rank1/peak_allocated_gib"] > 0.1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bench.md", "bench.json", "bench.png"} <= artifacts

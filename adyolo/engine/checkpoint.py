@@ -26,6 +26,7 @@ class TrainingState:
         self.step = 0  # optimizer steps taken
         self.batches_in_epoch = 0  # micro-batches of `epoch` already consumed
         self.best_fitness = -1.0
+        self.best_epoch = 0  # the epoch (1-based) whose evaluation gave best.pt; 0: none yet
         self.evals_without_improvement = 0
         self.nonfinite_steps = 0  # micro-batches skipped for a non-finite loss, in total
         self.nonfinite_in_a_row = 0

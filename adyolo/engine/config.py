@@ -111,8 +111,13 @@ class LogConfig:
     tracking_uri: str | None = None
     """MLflow store. None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
     run_name: str | None = None
+    """None: what ran, e.g. `efficient-n-256px-1cpu` or `full-sdpa-s-640px-16gpu-zero2`."""
     num_val_images: int = 4
-    """Validation images drawn with their predictions and logged as artifacts."""
+    """Validation images drawn with their predictions and ground truth at every evaluation (the same ones
+    each time) and logged as artifacts."""
     memory_plan: bool = True
+    system_metrics: bool = True
+    """MLflow system metrics (CPU, RAM, disk, network; GPUs where nvidia-ml-py is installed) of the main
+    process's node, sampled every 10 s, under `system/` in the run."""
     """Predict this run's per-rank memory at start (`adyolo.plan`; traced once per configuration, then
     cached) and log it beside the measured peaks. Always on when a setting is `auto`."""

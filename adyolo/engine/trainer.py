@@ -3,7 +3,8 @@
 `Trainer.fit` reads top to bottom: for each epoch, train (each micro-batch through the `TrainStep`;
 after each optimizer step: log, maybe checkpoint, maybe stop), then evaluate the EMA weights, keep
 the best by the fitness metric, stop early when it stops improving. Everything here runs on every
-rank; only the main process writes files and MLflow.
+rank; only the main process writes files and MLflow. What the run tells its user beyond per-step
+metrics (results table, pictures, summary) is `RunReport`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list, gather_object
@@ -21,18 +21,16 @@ from tqdm import tqdm
 
 from adyolo.engine.checkpoint import TrainingState, save_resumable
 from adyolo.engine.config import LogConfig, TrainConfig
-from adyolo.engine.memory import per_rank_metrics, reset_peaks, snapshot
+from adyolo.engine.memory import headline_kind, per_rank_metrics, reset_peaks, snapshot
+from adyolo.engine.report import RunReport
 from adyolo.engine.step import TrainStep, Window
 from adyolo.eval.evaluator import predict, score
-from adyolo.layout import DetectionRow
 from adyolo.tracking import Tracker
-from adyolo.viz import draw_detections, plot_pr_curves
 from adyolo.weights import save_weights
 
 EXIT_STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: checkpoint saved, resubmit with --resume
 EXIT_NONFINITE = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what Slurm sends before preemption / time limit
-PICTURE_MIN_SCORE = 0.25  # detections drawn on the logged validation pictures (detect.py's default too)
 
 
 class StopTraining(Exception):
@@ -49,6 +47,8 @@ class TrainerParts:
     val_loader: DataLoader  # prepared
     state: TrainingState
     tracker: Tracker
+    report: RunReport
+    description: str  # what ran, in a few lines of Markdown (the MLflow run's description)
 
 
 class Trainer:
@@ -75,6 +75,13 @@ class Trainer:
         self.weights_config = weights_config
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self._stop_signal = 0
+        self._epoch_peak_gib = 0.0  # the fullest rank's peak memory in this epoch (0: not measured yet)
+
+    @property
+    def _loss_terms(self) -> list[str]:
+        """The loss terms worth a chart: the class loss is always 0 for a one-class detector."""
+        one_class = self.step.loss_fn.num_classes == 1
+        return [k for k in ("box", "obj", "cls", "landmark", "total") if not (k == "cls" and one_class)]
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -97,11 +104,14 @@ class Trainer:
                 self._train_epoch()
                 last = state.epoch == epochs - 1
                 evaluate = last or (state.epoch + 1) % self.train.eval_interval == 0
-                stop = self._evaluate(final=last) if evaluate else False
+                stop = self._evaluate() if evaluate else False
                 state.epoch += 1
                 state.batches_in_epoch = 0
                 self._save_checkpoint()
                 self._save_weights("last.pt")
+                if self.acc.is_main_process:
+                    self.parts.report.epoch_end(state.epoch, state.step, self._epoch_peak_gib or float("nan"))
+                self._epoch_peak_gib = 0.0
                 if stop:
                     self.acc.print(
                         f"early stop: {self.train.fitness} has not improved for {self.train.patience} evaluations"
@@ -111,8 +121,10 @@ class Trainer:
             self.acc.print(str(stop))
             self.parts.tracker.finish("KILLED" if stop.exit_code == EXIT_STOPPED_BY_SIGNAL else "FAILED")
             return stop.exit_code
-        if self.acc.is_main_process and (self.output_dir / "best.pt").exists():
-            self.parts.tracker.log_artifact(self.output_dir / "best.pt", "weights")
+        if self.acc.is_main_process:
+            weights = {"best": self.output_dir / "best.pt", "last": self.output_dir / "last.pt"}
+            summary = self.parts.report.finish(state.best_epoch, state.best_fitness, weights, self.parts.description)
+            print(summary, flush=True)
         self.parts.tracker.finish()
         return 0
 
@@ -146,6 +158,10 @@ class Trainer:
                     if not window.nonfinite:
                         state.nonfinite_in_a_row = 0
                     state.skipped_images += window.skipped
+                    if acc.is_main_process:
+                        losses = window.mean_losses()
+                        rate = window.images_per_s() * acc.num_processes
+                        self.parts.report.add_step({k: losses[k] for k in self._loss_terms}, window.lr, rate)
                     self._after_optimizer_step(window, bar)
                 window = Window()
         bar.close()
@@ -169,25 +185,34 @@ class Trainer:
         acc, state = self.acc, self.parts.state
         gathered = acc.gather(snapshot(acc.device).to(acc.device)[None]).cpu()
         reset_peaks(acc.device)
-        metrics = {f"train/loss_{k}": v for k, v in window.mean_losses().items()}
+        losses = window.mean_losses()
+        metrics = {f"train/loss_{k}": losses[k] for k in self._loss_terms}
         metrics.update(
             {
                 "train/lr": window.lr,
                 "train/images_per_s": window.images_per_s() * acc.num_processes,
-                "train/skipped_images": state.skipped_images,
-                "train/nonfinite_steps": state.nonfinite_steps,
                 "train/epoch": state.epoch + state.batches_in_epoch / len(self.parts.train_loader),
             }
         )
-        metrics.update(per_rank_metrics(gathered))
+        # Counters of what went wrong: charted from the first time they are not 0.
+        if state.skipped_images:
+            metrics["train/skipped_images"] = state.skipped_images
+        if state.nonfinite_steps:
+            metrics["train/nonfinite_steps"] = state.nonfinite_steps
+        memory = per_rank_metrics(gathered, acc.device.type)
+        metrics.update(memory)
+        ranks = [v for k, v in memory.items() if k.startswith(f"memory/{headline_kind(acc.device.type)}/rank")]
+        self._epoch_peak_gib = max([self._epoch_peak_gib, *ranks])
         self.parts.tracker.log_metrics(metrics, step=state.step)
 
     # ------------------------------------------------------------------------------------------
-    def _evaluate(self, final: bool) -> bool:
+    def _evaluate(self) -> bool:
         """Evaluate the EMA weights on every rank's shard, keep the best; returns whether to stop early."""
         parts, acc, state = self.parts, self.acc, self.parts.state
         self._sync_buffers()
-        local = predict(self.step.ema.module, parts.val_loader, acc.device, self.autocast_dtype)
+        local = predict(
+            self.step.ema.module, parts.val_loader, acc.device, self.autocast_dtype, progress=acc.is_main_process
+        )
         gathered = gather_object(local)
         decision = [False, False]
         if acc.is_main_process:
@@ -196,15 +221,18 @@ class Trainer:
             improved = fitness > state.best_fitness
             if improved:
                 state.best_fitness = fitness
+                state.best_epoch = state.epoch + 1
                 state.evals_without_improvement = 0
             else:
                 state.evals_without_improvement += 1
             patience = self.train.patience
             decision = [improved, bool(patience) and state.evals_without_improvement >= patience]
-            self.parts.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
-            acc.print(f"epoch {state.epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if final or decision[1]:
-                self._log_pictures(gathered, curves)
+            best = f"best: epoch {state.best_epoch}, {self.train.fitness} {state.best_fitness:.4f}"
+            acc.print(
+                f"epoch {state.epoch + 1}: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())} "
+                + ("(new best)" if improved else f"({best})")
+            )
+            parts.report.evaluation(state.epoch + 1, metrics, improved, gathered, curves)
         broadcast_object_list(decision)
         if decision[0]:
             self._save_weights("best.pt")
@@ -227,18 +255,6 @@ class Trainer:
                 step=self.parts.state.step,
                 best_fitness=self.parts.state.best_fitness,
             )
-
-    def _log_pictures(self, gathered, curves) -> None:
-        pictures = self.output_dir / "pictures"
-        pictures.mkdir(parents=True, exist_ok=True)
-        self.parts.tracker.log_artifact(plot_pr_curves(curves, pictures / "pr_curve.png"), "plots")
-        for path, dets, truth in gathered[: self.log.num_val_images]:
-            image = cv2.imread(path)
-            if image is not None:
-                out = pictures / f"val_{Path(path).stem}.jpg"
-                shown = dets[dets[:, DetectionRow.SCORE] > PICTURE_MIN_SCORE]
-                cv2.imwrite(str(out), draw_detections(image, shown, truth))
-                self.parts.tracker.log_artifact(out, "val_images")
 
     # ------------------------------------------------------------------------------------------
     def _count_nonfinite(self) -> None:

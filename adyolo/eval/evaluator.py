@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from adyolo.eval.coco_map import coco_map50
 from adyolo.eval.widerface.ground_truth import image_id
@@ -35,13 +36,15 @@ def predict(
     autocast_dtype: torch.dtype | None = None,
     conf_threshold: float = 0.02,
     iou_threshold: float = 0.5,
+    progress: bool = False,
 ) -> list[Prediction]:
     """-> per image (path, detections [K, 16] `DetectionRow`, ground truth [N, 4] x y w h), all in the
-    original image's pixels. `model` is the bare detector (e.g. the EMA copy)."""
+    original image's pixels. `model` is the bare detector (e.g. the EMA copy). `progress`: a progress
+    bar (with ETA) that disappears when done."""
     was_training = model.training
     model.eval()
     results = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not progress, dynamic_ncols=True):
         images = batch["images"].to(device, non_blocking=True)
         detections = detect_batch(model, images, autocast_dtype, conf_threshold, iou_threshold)
         targets = batch["targets"].cpu()

@@ -109,7 +109,14 @@ def evaluate_weights(request: EvaluationRequest, start: Callable[[bool], Process
         raise InputError(str(problem))
 
     loader = processes.shard(build_loader(dataset, request.batch, False, request.workers, seed=0))
-    local = predict(model.to(device), loader, device, conf_threshold=request.conf, iou_threshold=request.iou)
+    local = predict(
+        model.to(device),
+        loader,
+        device,
+        conf_threshold=request.conf,
+        iou_threshold=request.iou,
+        progress=processes.is_main_process,
+    )
     gathered = processes.gather(local)  # every process's records; duplicates of the padding included
     processes.close()
     if not processes.is_main_process:

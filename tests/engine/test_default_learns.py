@@ -11,12 +11,14 @@ pytestmark = pytest.mark.slow
 
 def test_synthetic_default_reaches_a_high_ap(tmp_path):
     out = tmp_path / "default"
-    # The default config (launch/configs/default.yaml), shortened to 10 epochs, evaluated at the end.
-    command = train_command(out, tmp_path / "synthetic", "epochs=10", "train.eval_interval=10", config=None)
+    # The default config (launch/configs/default.yaml), shortened to 10 epochs, evaluated at the end. Its
+    # memory plan (a cold trace of 1-2 minutes here) is tested elsewhere.
+    overrides = ["epochs=10", "train.eval_interval=10", "log.memory_plan=false"]
+    command = train_command(out, tmp_path / "synthetic", *overrides, config=None)
     proc = run(command, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, mlrun = mlflow_run(out)
     ap_hard = history(client, mlrun, "val/ap_hard")
-    assert max(ap_hard.values()) >= 0.5, ap_hard
-    assert mlrun.data.metrics["val/map50"] >= 0.5
-    assert (out / "best.pt").exists() and (out / "pictures" / "pr_curve.png").exists()
+    assert list(ap_hard) == [10] and ap_hard[10] >= 0.5, ap_hard  # validation is charted against the epoch
+    assert mlrun.data.metrics["val/map50"] >= 0.5 and mlrun.data.metrics["best/epoch"] == 10
+    assert (out / "best.pt").exists() and (out / "pictures" / "epoch_010" / "pr_curve.png").exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import types
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -15,7 +17,7 @@ from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, spli
 from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, resolve_resume
 from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
-from adyolo.engine.memory import per_rank_metrics
+from adyolo.engine.memory import FIELDS, per_rank_metrics, snapshot
 from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
 from adyolo.engine.trainer import STOP_SIGNALS, Trainer, TrainerParts
 from adyolo.model import build_model
@@ -120,11 +122,30 @@ def test_portable_weights_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed into place
 
 
-def test_memory_metrics_per_rank_and_max():
-    gathered = torch.tensor([[1.0, 2.0, 0.5, 1.5], [3.0, 4.0, 1.0, 2.0]])
-    metrics = per_rank_metrics(gathered)
-    assert metrics["memory/rank0/peak_allocated_gib"] == 1.0 and metrics["memory/rank1/reserved_gib"] == 2.0
-    assert metrics["memory/max/peak_allocated_gib"] == 3.0
+def test_memory_metrics_one_section_per_kind_with_every_rank():
+    nan = float("nan")
+    gathered = torch.tensor([[1.0, 2.0, 0.5, 1.5, 2.5], [3.0, 4.0, 1.0, 2.0, nan]], dtype=torch.float64)
+    gpu = per_rank_metrics(gathered, "cuda")
+    assert gpu["memory/peak_allocated_gib/rank0"] == 1.0 and gpu["memory/peak_reserved_gib/rank1"] == 4.0
+    assert gpu["memory/peak_allocated_gib/max"] == 3.0 and gpu["memory/peak_allocated_gib/spread"] == 2.0
+    # NVML's count where it could read it, and max/spread over the ranks that have one.
+    assert gpu["memory/nvml_process_gib/rank0"] == 2.5 and "memory/nvml_process_gib/rank1" not in gpu
+    assert gpu["memory/nvml_process_gib/spread"] == 0.0
+    # On CPU allocated and reserved are both the RSS: logged once each, as what they are.
+    cpu = per_rank_metrics(gathered, "cpu")
+    assert sorted(cpu) == sorted(
+        f"memory/{kind}/{who}" for kind in ("peak_rss_gib", "rss_gib") for who in ("rank0", "rank1", "max", "spread")
+    )
+    assert cpu["memory/rss_gib/rank1"] == 1.0 and cpu["memory/peak_rss_gib/max"] == 3.0
+    # One rank: max and spread would only repeat rank 0.
+    assert sorted(per_rank_metrics(gathered[:1], "cpu")) == ["memory/peak_rss_gib/rank0", "memory/rss_gib/rank0"]
+
+
+def test_cpu_snapshot_reads_the_process_rss():
+    values = dict(zip(FIELDS, snapshot(torch.device("cpu")).tolist()))
+    rss = psutil.Process().memory_info().rss / 2**30
+    assert values["allocated_gib"] == pytest.approx(rss, rel=0.1) and values["peak_allocated_gib"] >= rss * 0.9
+    assert math.isnan(values["nvml_process_gib"])
 
 
 def test_flatten_config():
@@ -164,7 +185,7 @@ def test_the_trainer_handles_stop_signals_only_while_it_fits(tmp_path):
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     ended = []
     accelerator = types.SimpleNamespace(end_training=lambda: ended.append(True))
-    parts = TrainerParts(accelerator, step=None, train_loader=None, val_loader=None, state=None, tracker=None)
+    parts = TrainerParts(accelerator, None, None, None, state=None, tracker=None, report=None, description="")
     trainer = Trainer(
         parts, TrainConfig(), LogConfig(), epochs=1, output_dir=tmp_path, weights_config={}, precision="fp32"
     )

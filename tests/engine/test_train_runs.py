@@ -40,13 +40,13 @@ def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
     assert sum(losses[s] for s in steps[-4:]) < sum(losses[s] for s in steps[:4])
     # Per-rank memory: one series per rank per logged step, plus the max over ranks.
     for rank in (0, 1):
-        series = history(client, mlrun, f"memory/rank{rank}/peak_allocated_gib")
+        series = history(client, mlrun, f"memory/peak_rss_gib/rank{rank}")
         assert len(series) == 16 and min(series.values()) > 0
-    assert "memory/max/peak_allocated_gib" in mlrun.data.metrics
+    assert "memory/peak_rss_gib/max" in mlrun.data.metrics
     # The plan's whole-process prediction (tensors + this process's measured non-tensor memory) beside
     # the peak RSS the trainer logged for rank 0.
     assert params["plan.setting"] == "micro 2 x accum 1, ckpt off" and params["plan.device"] == "cpu"
-    measured = max(history(client, mlrun, "memory/rank0/peak_allocated_gib").values())
+    measured = max(history(client, mlrun, "memory/peak_rss_gib/rank0").values())
     assert float(params["plan.predicted_rss_gib"]) == pytest.approx(measured, rel=0.2)
     assert {"val/ap_hard", "val/ap_easy", "val/map50"} <= set(mlrun.data.metrics)
     # best.pt holds the weights of the best evaluation by the configured fitness metric.

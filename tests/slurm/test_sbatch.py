@@ -79,7 +79,7 @@ def test_two_nodes_train_to_completion_under_zero2(cluster, tmp_path):
     assert run.data.params["world_size"] == "2" and run.data.params["zero_stage"] == "2"
     assert run.data.tags["slurm.job_id"] == job and run.data.tags["slurm.job_nodelist"] == "n[1-2]"
     for rank in (0, 1):  # both ranks took part and reported their memory
-        assert len(history(client, run, f"memory/rank{rank}/peak_allocated_gib")) == 8
+        assert len(history(client, run, f"memory/peak_rss_gib/rank{rank}")) == 8
     assert (tmp_path / "run" / "best.pt").exists()
 
 
