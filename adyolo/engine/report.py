@@ -135,6 +135,10 @@ class RunReport:
             if path.exists():
                 self.tracker.log_artifact(path, "weights")
         best_row = next((r for r in self.rows if r["epoch"] == best_epoch), None)
+        if self.last_evaluated is None:  # a resumed job that did not evaluate: the table knows the last one
+            evaluated = [r for r in self.rows if not math.isnan(r.get("ap_hard", math.nan))]
+            if evaluated:
+                self.last_evaluated = (evaluated[-1]["epoch"], evaluated[-1])
         if best_epoch and self.pictures(best_epoch).is_dir():
             self.tracker.log_artifacts(self.pictures(best_epoch), "best")
         if self.last_evaluated and self.pictures(self.last_evaluated[0]).is_dir():
@@ -143,8 +147,10 @@ class RunReport:
         lines = [f"trained in {_duration(self.elapsed_s())}: {self.rows[-1]['epoch'] if self.rows else 0} epochs"]
         if best_row is not None:
             lines.append(f"best  epoch {best_epoch:>3}: {_metrics_text(best_row)}  -> {weights['best']}")
-        elif best_epoch == 0:
-            lines.append("best: no evaluation improved on the start; no best.pt")
+        elif weights["best"].exists():  # resumed from a checkpoint that did not record the epoch
+            lines.append(f"best: {self.fitness} {best_fitness:.4f}  -> {weights['best']}")
+        else:
+            lines.append("best: no evaluation yet; no best.pt")
         if self.last_evaluated is not None:
             epoch, metrics = self.last_evaluated
             lines.append(f"last  epoch {epoch:>3}: {_metrics_text(metrics)}  -> {weights['last']}")

@@ -91,6 +91,11 @@ def test_results_table_has_a_row_per_epoch_and_a_resumed_epoch_replaces_its_row(
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["ap_hard"] == 0.3 and rows[0]["loss_box"] == 0.2
     assert rows[1]["time_s"] >= rows[0]["time_s"] >= 0
     assert (tmp_path / "results.png").stat().st_size > 0 and not list(tmp_path.glob(".*.tmp"))
+    # A job resumed after the last evaluation still reports it, from the table.
+    weights = {"best": tmp_path / "best.pt", "last": tmp_path / "last.pt"}
+    summary = report(tmp_path).finish(1, 0.3, weights, "what ran")
+    assert "best  epoch   1: ap_easy 0.5000 ap_medium 0.4000 ap_hard 0.3000 map50 0.2000" in summary
+    assert "last  epoch   1: ap_easy 0.5000" in summary and summary.startswith("trained in")
 
 
 def test_a_finished_run_logs_best_and_last_with_their_pictures_and_a_summary(tmp_path, monkeypatch):
