@@ -79,8 +79,13 @@ def draw_validation(image: np.ndarray, detections: np.ndarray, truth_xywh: np.nd
         f"faces {len(found)}: found {int(found.sum())} (white), missed {int((~found).sum())} (red) | "
         f"detections {len(correct)}: correct {int(correct.sum())} (green), false {int((~correct).sum())} (orange)"
     )
-    bar = np.zeros((14 + 10 * thickness, canvas.shape[1], 3), dtype=np.uint8)
-    cv2.putText(bar, legend, (4, 6 + 8 * thickness), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, FOUND_COLOUR, 1)
+    # The legend's font as large as fits the picture's width.
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    width = cv2.getTextSize(legend, font, 1.0, 1)[0][0]
+    scale = min(0.4 * thickness, (canvas.shape[1] - 8) / width)
+    height = cv2.getTextSize(legend, font, scale, 1)[0][1]
+    bar = np.zeros((height + 12, canvas.shape[1], 3), dtype=np.uint8)
+    cv2.putText(bar, legend, (4, height + 5), font, scale, FOUND_COLOUR, 1, cv2.LINE_AA)
     return np.concatenate([bar, canvas], axis=0)
 
 
