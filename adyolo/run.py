@@ -127,11 +127,10 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
         cfg.train.fitness,
         cfg.log.num_val_images,
         ui_command(uri, cfg.output_dir, tracker),
+        description,
     )
 
-    parts = TrainerParts(
-        accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker, report, description
-    )
+    parts = TrainerParts(accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker, report)
     return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, config_dict, precision)
 
 

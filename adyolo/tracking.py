@@ -108,19 +108,11 @@ def _run_exists(run_id: str) -> bool:
     return True
 
 
-def _system_metrics_available() -> bool:
-    try:
-        import psutil  # noqa: F401  (MLflow's CPU/RAM/disk monitor)
-    except ImportError:
-        return False
-    return True
-
-
 class Tracker:
     """Thin wrapper so the loop never asks who may write: every call is a no-op off the main process.
 
     `system_metrics`: MLflow's system-metrics logging (its own thread, in this process: the main
-    process's node) where psutil is installed; GPUs are included where nvidia-ml-py is. It samples every
+    process's node; psutil is a requirement); GPUs are included where nvidia-ml-py is. It samples every
     10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL changes that)."""
 
     def __init__(
@@ -159,10 +151,9 @@ class Tracker:
             run_id=run_id,
             experiment_id=experiment_id,
             run_name=run_name,
-            log_system_metrics=system_metrics and _system_metrics_available(),
+            log_system_metrics=system_metrics,
         )
         self.run_id = self.run.info.run_id
-        self.artifact_uri = self.run.info.artifact_uri
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -197,9 +188,6 @@ class Tracker:
             return []
         found = mlflow.MlflowClient().get_metric_history(self.run_id, key)
         return sorted((m.step, m.value) for m in found)
-
-    def metric_keys(self) -> list[str]:
-        return sorted(mlflow.get_run(self.run_id).data.metrics) if self.enabled else []
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:

@@ -116,8 +116,8 @@ class LogConfig:
     """Validation images drawn with their predictions and ground truth at every evaluation (the same ones
     each time) and logged as artifacts."""
     memory_plan: bool = True
+    """Predict this run's per-rank memory at start (`adyolo.plan`; traced once per configuration, then
+    cached) and log it beside the measured peaks. Always on when a setting is `auto`."""
     system_metrics: bool = True
     """MLflow system metrics (CPU, RAM, disk, network; GPUs where nvidia-ml-py is installed) of the main
     process's node, sampled every 10 s, under `system/` in the run."""
-    """Predict this run's per-rank memory at start (`adyolo.plan`; traced once per configuration, then
-    cached) and log it beside the measured peaks. Always on when a setting is `auto`."""

@@ -91,6 +91,12 @@ def per_rank_metrics(gathered: torch.Tensor, device_type: str) -> dict[str, floa
     return metrics
 
 
+def fullest_rank_gib(gathered: torch.Tensor, device_type: str) -> float:
+    """gathered [world, 5] snapshots -> the largest `headline_kind` value over the ranks (GiB)."""
+    column = LOGGED["cuda" if device_type == "cuda" else "cpu"][headline_kind(device_type)]
+    return float(gathered.view(-1, len(FIELDS))[:, column].max())
+
+
 def headline_kind(device_type: str) -> str:
     """The memory kind a summary quotes: the peak the plan predicts and a budget is held against."""
     return "peak_allocated_gib" if device_type == "cuda" else "peak_rss_gib"

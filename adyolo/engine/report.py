@@ -41,7 +41,8 @@ METRIC_ORDER = ("ap_easy", "ap_medium", "ap_hard", "map50")
 class RunReport:
     """`device_type`: "cuda" or "cpu" (which memory kinds exist); `world_size`: ranks; `fitness`: the
     metric that picks best.pt; `num_images`: validation pictures per evaluation; `ui_command`: how to open
-    the MLflow UI on this run's store."""
+    the MLflow UI on this run's store; `description`: what ran (Markdown), the run's description that
+    `finish` completes with the result."""
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class RunReport:
         fitness: str,
         num_images: int,
         ui_command: str,
+        description: str = "",
     ):
         self.tracker = tracker
         self.output_dir = Path(output_dir)
@@ -60,6 +62,7 @@ class RunReport:
         self.fitness = fitness
         self.num_images = num_images
         self.ui_command = ui_command
+        self.description = description
         self.results_path = self.output_dir / "results.csv"
         self.rows = read_results(self.results_path)
         self._start = time.monotonic()
@@ -128,7 +131,7 @@ class RunReport:
         return self._time_before + time.monotonic() - self._start
 
     # ------------------------------------------------------------------------------------------
-    def finish(self, best_epoch: int, best_fitness: float, weights: Mapping[str, Path], description: str) -> str:
+    def finish(self, best_epoch: int, best_fitness: float, weights: Mapping[str, Path]) -> str:
         """Log the weights, the best and last pictures and the per-rank memory plot; set the run's
         description; return the end-of-run summary for the terminal."""
         for path in weights.values():
@@ -164,7 +167,7 @@ class RunReport:
         )
         lines.append(f"MLflow: {self.ui_command}")
         summary = "\n".join(lines)
-        self.tracker.describe(f"{description}\n\n**Result**\n\n```\n{summary}\n```")
+        self.tracker.describe(f"{self.description}\n\n**Result**\n\n```\n{summary}\n```")
         return summary
 
     def _memory_by_rank(self) -> dict[int, float]:

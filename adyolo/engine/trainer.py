@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from adyolo.engine.checkpoint import TrainingState, save_resumable
 from adyolo.engine.config import LogConfig, TrainConfig
-from adyolo.engine.memory import headline_kind, per_rank_metrics, reset_peaks, snapshot
+from adyolo.engine.memory import fullest_rank_gib, per_rank_metrics, reset_peaks, snapshot
 from adyolo.engine.report import RunReport
 from adyolo.engine.step import TrainStep, Window
 from adyolo.eval.evaluator import predict, score
@@ -48,7 +48,6 @@ class TrainerParts:
     state: TrainingState
     tracker: Tracker
     report: RunReport
-    description: str  # what ran, in a few lines of Markdown (the MLflow run's description)
 
 
 class Trainer:
@@ -123,7 +122,7 @@ class Trainer:
             return stop.exit_code
         if self.acc.is_main_process:
             weights = {"best": self.output_dir / "best.pt", "last": self.output_dir / "last.pt"}
-            summary = self.parts.report.finish(state.best_epoch, state.best_fitness, weights, self.parts.description)
+            summary = self.parts.report.finish(state.best_epoch, state.best_fitness, weights)
             print(summary, flush=True)
         self.parts.tracker.finish()
         return 0
@@ -199,10 +198,8 @@ class Trainer:
             metrics["train/skipped_images"] = state.skipped_images
         if state.nonfinite_steps:
             metrics["train/nonfinite_steps"] = state.nonfinite_steps
-        memory = per_rank_metrics(gathered, acc.device.type)
-        metrics.update(memory)
-        ranks = [v for k, v in memory.items() if k.startswith(f"memory/{headline_kind(acc.device.type)}/rank")]
-        self._epoch_peak_gib = max([self._epoch_peak_gib, *ranks])
+        metrics.update(per_rank_metrics(gathered, acc.device.type))
+        self._epoch_peak_gib = max(self._epoch_peak_gib, fullest_rank_gib(gathered, acc.device.type))
         self.parts.tracker.log_metrics(metrics, step=state.step)
 
     # ------------------------------------------------------------------------------------------

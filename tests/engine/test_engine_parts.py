@@ -17,7 +17,7 @@ from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, spli
 from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, resolve_resume
 from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
-from adyolo.engine.memory import FIELDS, per_rank_metrics, snapshot
+from adyolo.engine.memory import FIELDS, fullest_rank_gib, per_rank_metrics, snapshot
 from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
 from adyolo.engine.trainer import STOP_SIGNALS, Trainer, TrainerParts
 from adyolo.model import build_model
@@ -137,6 +137,7 @@ def test_memory_metrics_one_section_per_kind_with_every_rank():
         f"memory/{kind}/{who}" for kind in ("peak_rss_gib", "rss_gib") for who in ("rank0", "rank1", "max", "spread")
     )
     assert cpu["memory/rss_gib/rank1"] == 1.0 and cpu["memory/peak_rss_gib/max"] == 3.0
+    assert fullest_rank_gib(gathered, "cpu") == 3.0 and fullest_rank_gib(gathered[:1], "cuda") == 1.0
     # One rank: max and spread would only repeat rank 0.
     assert sorted(per_rank_metrics(gathered[:1], "cpu")) == ["memory/peak_rss_gib/rank0", "memory/rss_gib/rank0"]
 
@@ -185,7 +186,7 @@ def test_the_trainer_handles_stop_signals_only_while_it_fits(tmp_path):
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     ended = []
     accelerator = types.SimpleNamespace(end_training=lambda: ended.append(True))
-    parts = TrainerParts(accelerator, None, None, None, state=None, tracker=None, report=None, description="")
+    parts = TrainerParts(accelerator, None, None, None, state=None, tracker=None, report=None)
     trainer = Trainer(
         parts, TrainConfig(), LogConfig(), epochs=1, output_dir=tmp_path, weights_config={}, precision="fp32"
     )

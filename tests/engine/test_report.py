@@ -65,7 +65,7 @@ def test_rounded_metrics_lose_float_noise_only():
 
 def report(tmp_path, tracker=None) -> RunReport:
     tracker = tracker or Tracker(False, "", "", tmp_path)
-    return RunReport(tracker, tmp_path, "cpu", 2, "ap_hard", num_images=1, ui_command="ui")
+    return RunReport(tracker, tmp_path, "cpu", 2, "ap_hard", num_images=1, ui_command="ui", description="what ran")
 
 
 def curves() -> dict[str, PRCurve]:
@@ -93,7 +93,7 @@ def test_results_table_has_a_row_per_epoch_and_a_resumed_epoch_replaces_its_row(
     assert (tmp_path / "results.png").stat().st_size > 0 and not list(tmp_path.glob(".*.tmp"))
     # A job resumed after the last evaluation still reports it, from the table.
     weights = {"best": tmp_path / "best.pt", "last": tmp_path / "last.pt"}
-    summary = report(tmp_path).finish(1, 0.3, weights, "what ran")
+    summary = report(tmp_path).finish(1, 0.3, weights)
     assert "best  epoch   1: ap_easy 0.5000 ap_medium 0.4000 ap_hard 0.3000 map50 0.2000" in summary
     assert "last  epoch   1: ap_easy 0.5000" in summary and summary.startswith("trained in")
 
@@ -114,7 +114,7 @@ def test_a_finished_run_logs_best_and_last_with_their_pictures_and_a_summary(tmp
     for name in ("best.pt", "last.pt"):
         (tmp_path / name).write_bytes(b"weights")
     weights = {"best": tmp_path / "best.pt", "last": tmp_path / "last.pt"}
-    summary = run.finish(2, 0.7, weights, "what ran")
+    summary = run.finish(2, 0.7, weights)
     tracker.finish()
     assert "best  epoch   2: ap_easy 0.7000" in summary and "last  epoch   3: ap_easy 0.6000" in summary
     assert "rank0 4.00, rank1 5.00" in summary and "MLflow: ui" in summary
