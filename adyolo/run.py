@@ -19,14 +19,16 @@ from pathlib import Path
 import yaml
 
 from adyolo.config import RunConfig
-from adyolo.data.dataset import build_datasets, build_loader
+from adyolo.data.dataset import build_datasets, build_loader, check_datasets
 from adyolo.engine.accelerator import build_accelerator, launch_settings, rank_placement
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
 from adyolo.engine.noise import quiet_known_noise
+from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.report import RunReport
 from adyolo.engine.setup import prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
+from adyolo.failures import InputError
 from adyolo.model.summary import summarize
 from adyolo.plan.auto import plan_run
 from adyolo.schema import to_dict
@@ -36,27 +38,51 @@ from adyolo.tracking import Tracker, default_store_uri, flatten, tracking_uri
 SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
 
 
-def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
+def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False) -> Trainer:
     """Everything a run needs, on this rank; `.fit()` trains it. `resume`: "latest" or a checkpoint
-    folder, or None. Raises `ConfigError` / `BatchSplitError` before any process group or output exists."""
+    folder, or None; `exist_ok`: start over in an output folder that holds a run. Raises `ConfigError`,
+    `BatchSplitError` or `InputError` (the same on every rank) before any process group or output exists."""
     # The memory plan resolves `auto` settings before the Accelerator fixes the gradient accumulation;
     # on a GPU a real probe step confirms a planned micro-batch.
     main_process = int(os.environ.get("RANK", "0")) == 0
     quiet_known_noise(main_process)
-    cfg, plan = plan_run(cfg, launch_settings(cfg.train), main_process=main_process)
+    settings = launch_settings(cfg.train)
+
+    # What can be checked without a process group is, on every rank alike and before anything costly:
+    # the output folder, the checkpoint to resume, the user's data (read here once: every label file).
+    check_output_dir(cfg.output_dir, resume, exist_ok)
+    resume_folder = resolve_resume(resume, cfg.output_dir) if resume else None
+    datasets = None
+    if cfg.data.train is not None:
+        datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
+        check_datasets(*datasets, cfg.train.global_batch)
+    elif cfg.data.synthetic.num_train < cfg.train.global_batch:
+        raise InputError(
+            f"data.synthetic.num_train={cfg.data.synthetic.num_train} is fewer than train.global_batch="
+            f"{cfg.train.global_batch}: an epoch would have no training step; raise one or lower the other"
+        )
+    cfg, plan = plan_run(cfg, settings, main_process=main_process)
+    config_dict = to_dict(cfg)
+    stage = settings.deepspeed.stage if settings.deepspeed else 0
+    saved = check_resume(resume_folder, config_dict, settings.world_size, stage) if resume_folder else None
+
     auto_micro = plan is not None and "train.micro_batch" in plan.auto
     probe = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train) if auto_micro else None
     accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir, probe)
-    config_dict = to_dict(cfg)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        if exist_ok and not resume:
+            clear_previous_run(cfg.output_dir)
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         print(yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None), end="")
     accelerator.print(f"{split}; {precision}; {distribution(accelerator, zero_stage)}")
 
     # Data: the main process generates the synthetic default (if needed) before the others read it.
-    with accelerator.main_process_first():
-        train_set, val_set = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
+    if datasets is None:
+        with accelerator.main_process_first():
+            datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
+    train_set, val_set = datasets
+    accelerator.print(f"data: train {train_set.summary()}; val {val_set.summary()}")
     train_loader = build_loader(train_set, split.micro_batch, True, cfg.data.workers, cfg.train.seed, drop_last=True)
     val_loader = build_loader(val_set, split.micro_batch, False, cfg.data.workers, cfg.train.seed)
 
@@ -79,10 +105,12 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
     )
     state = TrainingState()
     accelerator.register_for_checkpointing(state, prepared.step.ema)
-    if resume:
-        folder = resolve_resume(resume, cfg.output_dir)
-        accelerator.load_state(str(folder))
-        accelerator.print(f"resumed from {folder}: epoch {state.epoch + 1}, step {state.step}")
+    if resume_folder is not None:
+        accelerator.load_state(str(resume_folder))
+        state.batches_in_epoch = resumed_batches(saved, state.batches_in_epoch, split.micro_batch, split.world_size)
+        other_ranks = saved is not None and saved["world_size"] != split.world_size
+        moved = f" (written by {saved['world_size']} ranks)" if other_ranks else ""
+        accelerator.print(f"resumed from {resume_folder}{moved}: epoch {state.epoch + 1}, step {state.step}")
 
     if plan is not None:
         plan.measure_baseline(prepared.step.weight_bytes())
@@ -110,6 +138,7 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
             "checkpointed_blocks": ",".join(summary.checkpointed) or "none",
             "parameters": summary.parameters,
             "gflops": round(summary.gflops, 3),
+            **data_params(train_set, val_set),
             **(plan.params() if plan is not None else {}),
         }
     )
@@ -131,7 +160,28 @@ def build_run(cfg: RunConfig, resume: str | None = None) -> Trainer:
     )
 
     parts = TrainerParts(accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker, report)
-    return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, config_dict, precision)
+    record = {
+        "config": config_dict,
+        "world_size": split.world_size,
+        "micro_batch": split.micro_batch,
+        "zero_stage": zero_stage,
+    }
+    return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, record, precision)
+
+
+def data_params(train_set, val_set) -> dict[str, int]:
+    """What the datasets hold and what was dropped reading them, as MLflow parameters."""
+    params = {}
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        params.update(
+            {
+                f"data.{split}_images": len(dataset),
+                f"data.{split}_faces": dataset.faces,
+                f"data.{split}_skipped_label_lines": dataset.skipped_label_lines,
+                f"data.{split}_dropped_boxes": dataset.dropped_boxes,
+            }
+        )
+    return params
 
 
 def distribution(accelerator, zero_stage: int) -> str:

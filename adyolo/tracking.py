@@ -15,18 +15,22 @@ float noise in the 15th digit only makes the UI's tables harder to read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import sqlalchemy
 
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer parameter values
 STORE_FILE = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
+RESERVE_FILE, RESERVE_BYTES = ".mlflow-reserve", 2**20
 # MLflow 3's UI shows an experiment in its GenAI or its model-training view by this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI
@@ -127,14 +131,22 @@ class Tracker:
     ):
         self.enabled = enabled
         self.run_id = run_id
+        self._warned = False
+        self._reserve: Path | None = None
         if not enabled:
             return
         # "Creating initial MLflow database tables..." and the like, on every new store.
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        # Its errors (logged with a traceback) also raise to the caller, where `_tolerated` names them.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ..."
         if uri == default_store_uri(output_dir):
             relocate_store(output_dir)
+            # Space set aside beside the store and given up by `finish`: a run that ends on a full disk
+            # can still be marked FAILED instead of staying RUNNING.
+            self._reserve = Path(output_dir) / RESERVE_FILE
+            self._reserve.parent.mkdir(parents=True, exist_ok=True)
+            self._reserve.write_bytes(bytes(RESERVE_BYTES))
         _set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
@@ -172,15 +184,31 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.enabled:
-            mlflow.log_metrics({k: rounded(v) for k, v in metrics.items()}, step=step)
+            with self._tolerated("metrics"):
+                mlflow.log_metrics({k: rounded(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled:
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            with self._tolerated("an artifact"):
+                mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_artifacts(self, local_dir: str | Path, folder: str | None = None) -> None:
         if self.enabled:
-            mlflow.log_artifacts(str(local_dir), artifact_path=folder)
+            with self._tolerated("artifacts"):
+                mlflow.log_artifacts(str(local_dir), artifact_path=folder)
+
+    @contextlib.contextmanager
+    def _tolerated(self, what: str):
+        """A store that cannot take a write (a full disk, a tracking server gone) costs charts, not the
+        run: warned about once, and training goes on (its checkpoints say whether it can)."""
+        try:
+            yield
+        except (OSError, mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as err:
+            if not self._warned:
+                self._warned = True
+                lines = [line for line in str(err).splitlines() if line and not line.startswith("(raised as")]
+                reason = lines[0][:200] if lines else type(err).__name__
+                print(f"warning: MLflow could not log {what} ({reason}); training goes on", file=sys.stderr)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a metric logged so far in this run, also by the job before a resume."""
@@ -191,4 +219,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
-            mlflow.end_run(status=status)
+            if self._reserve is not None:  # room for the last write, should the disk be full
+                self._reserve.unlink(missing_ok=True)
+            with self._tolerated(f"the run's end ({status})"):
+                mlflow.end_run(status=status)

@@ -6,19 +6,25 @@
     accelerate launch ... launch/train.py --config run.yaml --resume        # continue from latest
     sbatch slurm/train.sh run.yaml                                          # many nodes (Slurm)
 
-A bad config key, type or value stops every rank with the file, line and fix before any data is
-loaded or any process group is used. Exit codes: 0 done, 2 bad config, 3 too many non-finite
-losses (checkpoint saved), 75 stopped by SIGTERM/SIGUSR1 (checkpoint saved; rerun with --resume).
+A bad config key, type or value, bad data, a `--resume` that cannot work or an output folder that
+already holds a run stop every rank with one line (the file, line or key, and the fix) before any
+data is trained on or any process group is used. Exit codes (the same through `launch/launch.py`,
+DeepSpeed's launcher and slurm/train.sh): 0 done, 2 bad input, 3 too many non-finite losses (`latest`
+holds the last finite state), 74 a checkpoint could not be written (disk full; `latest` intact),
+75 stopped by SIGTERM/SIGUSR1 (checkpoint saved; rerun with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from adyolo.config import load_run_config
+from adyolo.data.labels import LabelError
 from adyolo.engine.batching import BatchSplitError
+from adyolo.failures import EXIT_BAD_INPUT, RunFailure, record_exit, stop_with_parent
 from adyolo.run import build_run
 from adyolo.schema import ConfigError
 
@@ -33,18 +39,38 @@ def parse_args() -> argparse.Namespace:
         help="run YAML (default: the embedded synthetic default, launch/configs/default.yaml)",
     )
     parser.add_argument("--resume", nargs="?", const="latest", help="'latest' (default) or a checkpoint folder")
+    parser.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="start over in an output_dir that already holds a run (its checkpoints, weights and results are removed)",
+    )
+    # DeepSpeed's launcher passes each rank its local rank as an argument too (also in $LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 model.size=n")
-    return parser.parse_args()
+    try:
+        args = parser.parse_intermixed_args()  # key=value overrides before or after --resume
+    except SystemExit as stop:  # a usage error (2): the launcher wrapper reads the code too
+        record_exit(stop.code)
+        raise
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: an override after a bare --resume, not a checkpoint folder.
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    return args
 
 
 def main() -> int:
     args = parse_args()
+    stop_with_parent()  # under a launcher: if it dies, save and stop rather than train on orphaned
     try:
-        trainer = build_run(load_run_config(args.config, args.overrides), args.resume)
-    except (ConfigError, BatchSplitError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return trainer.fit()
+        code = build_run(load_run_config(args.config, args.overrides), args.resume, args.exist_ok).fit()
+    except (ConfigError, BatchSplitError, LabelError, RunFailure) as err:
+        # Every rank meets the same input error; one line, from the main rank, says it.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        code = getattr(err, "exit_code", EXIT_BAD_INPUT)
+    record_exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ trap on_warning USR1
 # One launcher task per node. Single quotes: SLURM_NODEID must expand inside each task, where it
 # differs, not here in the batch shell.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
-    exec "$VENV/bin/accelerate" launch --config_file "$ACCELERATE_CONFIG" \
+    exec "$VENV/bin/python" launch/launch.py --config_file "$ACCELERATE_CONFIG" \
         --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
         --num_processes $((SLURM_NNODES * PROCS_PER_NODE)) \
         --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT" \

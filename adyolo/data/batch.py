@@ -4,7 +4,7 @@ A batch is a dict:
     images     uint8 [B, 3, S, S] RGB; the network input is images / 255
     targets    float32 [M, 16] `TargetRow`: image index in the batch, class, cx, cy, w, h, 5 x (x, y),
                in pixels of the network input; -1 for a missing landmark coordinate
-    skipped    int: unreadable images replaced while building this batch
+    skipped    list[int]: indices of the unreadable images replaced while building this batch
     indices    int64 [B], letterbox float32 [B, 3] (ratio, pad_x, pad_y), paths list[str]
                (only from `collate`: validation maps detections back to the original images with them)
 """
@@ -34,7 +34,7 @@ def collate(samples: list[dict]) -> dict:
     return {
         "images": torch.stack([s["image"] for s in samples]),
         "targets": torch.cat(targets) if targets else torch.zeros(0, TargetRow.COLUMNS),
-        "skipped": sum(s["skipped"] for s in samples),
+        "skipped": [i for s in samples for i in s["skipped"]],
         "indices": torch.tensor([s["index"] for s in samples]),
         "letterbox": torch.tensor([s["letterbox"] for s in samples], dtype=torch.float32),
         "paths": [s["path"] for s in samples],
@@ -60,4 +60,4 @@ def synthetic_batch(images: int, size: int, device: torch.device | str = "cpu", 
     image_index = torch.arange(images).repeat_interleave(SYNTHETIC_FACES_PER_IMAGE).float()[:, None]
     targets = torch.cat([image_index, faces], dim=1)
     pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=gen)
-    return {"images": pixels.to(device), "targets": targets.to(device), "skipped": 0}
+    return {"images": pixels.to(device), "targets": targets.to(device), "skipped": []}

@@ -4,7 +4,7 @@ A sample is a dict:
     image      uint8 [3, S, S] RGB (S = img_size); the network input is image / 255
     targets    float32 [N, 15] `LabelRow`: class, cx, cy, w, h, 5 x (x, y) in pixels of `image`; -1 = missing point
     index      the item asked for
-    skipped    unreadable images replaced while building this sample (each warned about once)
+    skipped    indices of the unreadable images replaced while building this sample (each warned about once)
     letterbox  (ratio, pad_x, pad_y): original = (sample - pad) / ratio; (1, 0, 0) for mosaics
     path       the image file
 
@@ -37,6 +37,8 @@ from adyolo.data.transforms import (
     random_affine,
     resize_long_side,
 )
+from adyolo.failures import InputError
+from adyolo.layout import LabelRow
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +75,31 @@ class FaceDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        # All labels are read up front: a malformed line stops the run before any training step.
+        # All labels are read up front: a malformed line stops the run before any training step, and
+        # what was dropped is counted for the run's start (`summary`).
         self.labels: list[np.ndarray] = []
-        self.skipped_label_lines = 0
+        self.label_files = 0  # label files found (an image without one has no faces)
+        self.skipped_label_lines = 0  # malformed lines skipped under skip_bad_labels
+        self.dropped_boxes = 0  # boxes of no size, or wholly outside the image
         for path in self.image_paths:
-            parsed = read_label_file(label_path_for(path), skip_bad_labels)
-            self.labels.append(parsed.labels)
+            label_path = label_path_for(path)
+            self.label_files += label_path.is_file()
+            parsed = read_label_file(label_path, skip_bad_labels)
+            keep = usable_boxes(parsed.labels)
+            self.labels.append(parsed.labels[keep])
             self.skipped_label_lines += len(parsed.skipped_lines)
+            self.dropped_boxes += int((~keep).sum())
+        self.faces = sum(len(labels) for labels in self.labels)
         self._warned: set[Path] = set()
+
+    def summary(self) -> str:
+        """What was read, and what was dropped: e.g. `16 images, 16 label files, 41 faces`."""
+        text = f"{len(self)} images, {self.label_files} label files, {self.faces} faces"
+        if self.skipped_label_lines:
+            text += f", {self.skipped_label_lines} malformed label lines skipped"
+        if self.dropped_boxes:
+            text += f", {self.dropped_boxes} boxes dropped (no size, or outside the image)"
+        return text
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -93,7 +112,7 @@ class FaceDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         size = self.img_size
         if self.augment is not None and rng.random() < self.augment.mosaic:
-            tiles, skipped = [], 0
+            tiles, skipped = [], []
             for i in [index, *rng.integers(0, len(self), 3)]:
                 image, faces, path, bad = self._read(int(i))
                 tiles.append(resize_long_side(image, faces, size))
@@ -119,22 +138,49 @@ class FaceDataset(Dataset):
             "path": str(path),
         }
 
-    def _read(self, index: int) -> tuple[np.ndarray, Faces, Path, int]:
-        """Image `index` and its faces; an unreadable image is replaced by the next readable one."""
+    def _read(self, index: int) -> tuple[np.ndarray, Faces, Path, list[int]]:
+        """Image `index` and its faces, and the indices of unreadable images met on the way: an
+        unreadable image (missing, empty, corrupt, a truncated JPEG) is replaced by the next readable one."""
+        bad = []
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             path = self.image_paths[i]
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = read_image(path)
             if image is None:
+                bad.append(i)
                 if path not in self._warned:
                     self._warned.add(path)
-                    logger.warning("skipping unreadable image %s (missing, empty or corrupt)", path)
+                    logger.warning("skipping unreadable image %s (missing, empty, corrupt or truncated)", path)
                 continue
             h, w = image.shape[:2]
-            # Degenerate boxes (zero size, outside the image) are clipped or dropped here.
+            # Boxes that reach outside the image are clipped; those left smaller than a pixel dropped.
             faces = Faces.from_labels(self.labels[i], w, h).clipped(w, h, min_size=1.0)
-            return image, faces, path, attempt
+            return image, faces, path, bad
         raise RuntimeError(f"none of the {len(self)} images can be read (first: {self.image_paths[0]})")
+
+
+JPEG_END = b"\xff\xd9"  # the End Of Image marker; absent from a truncated file's last bytes
+
+
+def read_image(path: Path) -> np.ndarray | None:
+    """BGR uint8 image, or None when missing, empty, not decodable or a truncated JPEG (which OpenCV
+    would decode with its missing part grey)."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+    if not data.size:
+        return None
+    if path.suffix.lower() in (".jpg", ".jpeg") and JPEG_END not in data[-1024:].tobytes():
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def usable_boxes(labels: np.ndarray) -> np.ndarray:
+    """[N] bool: label rows (normalised `LabelRow`) whose box has a size and overlaps the image."""
+    centre, size = labels[:, LabelRow.CENTRE], labels[:, LabelRow.SIZE]
+    low, high = np.clip(centre - size / 2, 0, 1), np.clip(centre + size / 2, 0, 1)
+    return (size > 0).all(axis=1) & (high > low).all(axis=1)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -160,15 +206,48 @@ def build_loader(
 
 
 def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDataset, FaceDataset]:
-    """(train, val) datasets for a DataConfig; the synthetic default is generated on first use."""
+    """(train, val) datasets for a DataConfig; the synthetic default is generated on first use.
+    Raises `InputError` naming the key when a folder or list holds no images, or a label line is malformed."""
     if cfg.train is None:
         splits = ensure_synthetic_dataset(cfg.synthetic_root, cfg.synthetic)
-        train_source, val_source = splits["train"], splits["val"]
+        sources = {"train": splits["train"], "val": splits["val"]}
     else:
-        train_source, val_source = cfg.train, cfg.val
-    train = FaceDataset(list_images(train_source), img_size, cfg.augment, cfg.skip_bad_labels, seed)
-    val = FaceDataset(list_images(val_source), img_size, None, cfg.skip_bad_labels, seed)
-    return train, val
+        sources = {"train": cfg.train, "val": cfg.val}
+    datasets = []
+    for split, source in sources.items():
+        try:
+            images = list_images(source)
+            datasets.append(
+                FaceDataset(images, img_size, cfg.augment if split == "train" else None, cfg.skip_bad_labels, seed)
+            )
+        except FileNotFoundError as err:
+            raise InputError(f"data.{split}: {err}") from None
+        except LabelError as err:
+            raise InputError(f"data.{split}: {err}") from None
+    return datasets[0], datasets[1]
 
 
-__all__ = ["FaceDataset", "LabelError", "build_datasets", "build_loader", "list_images"]
+def check_datasets(train: FaceDataset, val: FaceDataset, global_batch: int) -> None:
+    """Stop (`InputError`) on data that would train on nothing or never be measured."""
+    for split, dataset in (("train", train), ("val", val)):
+        if not dataset.label_files:
+            expected = label_path_for(dataset.image_paths[0])
+            raise InputError(
+                f"data.{split}: none of its {len(dataset)} images has a label file (for "
+                f"{dataset.image_paths[0]} it would be {expected}); put labels in a 'labels' folder beside "
+                f"'images' (same sub-folders and names, .txt), or a .txt beside each image"
+            )
+        if not dataset.faces:
+            raise InputError(
+                f"data.{split}: its {dataset.label_files} label files hold no faces"
+                + (f" ({dataset.summary()})" if dataset.dropped_boxes or dataset.skipped_label_lines else "")
+                + ("; nothing to learn from" if split == "train" else "; AP cannot be measured")
+            )
+    if len(train) < global_batch:
+        raise InputError(
+            f"data.train has {len(train)} images, fewer than train.global_batch={global_batch}: an epoch "
+            f"would have no training step; lower train.global_batch or add images"
+        )
+
+
+__all__ = ["FaceDataset", "LabelError", "build_datasets", "build_loader", "check_datasets", "list_images"]

@@ -1,21 +1,32 @@
 """Resumable training state: written by every rank, resumed with `--resume`.
 
 Resumable state goes to `<output_dir>/checkpoints/step-<n>/` through `accelerator.save_state`
-(model, optimizer and ZeRO shards, RNG states of every rank, registered objects). Only when every
-rank has finished writing does the main process point `checkpoints/latest` at it, by an atomic
-rename, so a crash during a save leaves the previous `latest` intact and usable.
+(model, optimizer and ZeRO shards, RNG states of every rank, registered objects), with `run.json`
+(the run's config, ranks and ZeRO stage) beside it. Only when every rank has finished writing does
+the main process point `checkpoints/latest` at it, by an atomic rename. A save never writes into
+the folder `latest` points to (a second save at the same step gets `step-<n>-1`), so a kill or a
+full disk during any save leaves the previous `latest` intact and usable.
 
 Portable weights (`best.pt`, `last.pt`) are a deployment artifact and live in `adyolo.weights`.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate.utils import broadcast_object_list
+
+from adyolo.failures import InputError, WriteFailed
+
 LATEST = "latest"
+RUN_FILE = "run.json"  # what a resumed run must agree with: written beside each checkpoint
+LOW_SPACE_BYTES = 64 * 2**20  # below this much free space, a failed write is named "disk full"
 
 
 class TrainingState:
@@ -30,7 +41,7 @@ class TrainingState:
         self.evals_without_improvement = 0
         self.nonfinite_steps = 0  # micro-batches skipped for a non-finite loss, in total
         self.nonfinite_in_a_row = 0
-        self.skipped_images = 0
+        self.bad_images: list[int] = []  # indices of the training images found unreadable, over all ranks
         self.mlflow_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -44,11 +55,35 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_resumable(accelerator, output_dir: str | Path, step: int, keep: int = 2) -> Path:
-    """All ranks call this. Returns the checkpoint folder."""
+def latest_folder(output_dir: str | Path) -> Path | None:
+    """The checkpoint folder `latest` points to, or None when there is none."""
+    pointer = checkpoint_root(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    return pointer.parent / pointer.read_text().strip()
+
+
+def save_resumable(accelerator, output_dir: str | Path, step: int, run: dict, keep: int = 2) -> Path:
+    """All ranks call this. Returns the checkpoint folder; raises `WriteFailed` on every rank when any
+    rank could not write its part (the partial folder is removed, `latest` is left as it was).
+    `run`: what `check_resume` compares a resumed run with (config, world size, ZeRO stage)."""
     root = checkpoint_root(output_dir)
-    target = root / f"step-{step:08d}"
-    accelerator.save_state(str(target))
+    name = [_free_name(root, step) if accelerator.is_main_process else ""]
+    broadcast_object_list(name)  # one folder name for every rank, chosen where `latest` is known
+    target = root / name[0]
+    error = None
+    try:
+        accelerator.save_state(str(target))
+        if accelerator.is_main_process:
+            _write_atomically(target / RUN_FILE, json.dumps(run, indent=1, sort_keys=True))
+    except Exception as err:  # a full disk is an OSError, a RuntimeError (torch.save), a SafetensorError...
+        error = err
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+    if failed.item():
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(target, ignore_errors=True)
+        raise WriteFailed(_write_failure(target, error, latest_folder(output_dir)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _point_latest(root, target.name)
@@ -57,10 +92,33 @@ def save_resumable(accelerator, output_dir: str | Path, step: int, keep: int = 2
     return target
 
 
+def _free_name(root: Path, step: int) -> str:
+    """`step-<n>`, or `step-<n>-<k>` when that exists (`latest` may point to it: never write into it)."""
+    name, k = f"step-{step:08d}", 0
+    while (root / name).exists():
+        k += 1
+        name = f"step-{step:08d}-{k}"
+    return name
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_failure(target: Path, error: BaseException | None, latest: Path | None) -> str:
+    free = shutil.disk_usage(target.parent if target.parent.exists() else ".").free
+    full = free < LOW_SPACE_BYTES or (isinstance(error, OSError) and error.errno == errno.ENOSPC)
+    what = f"disk full ({free / 2**20:.0f} MiB free)" if full else f"{type(error).__name__}: {error}"
+    kept = f"latest ({latest.name}) is intact" if latest is not None else "no earlier checkpoint exists"
+    fix = "Free space (or copy the run folder elsewhere), then --resume" if latest else "Free space, then start again"
+    where = "this rank" if error is not None else "another rank"
+    return f"could not write checkpoint {target} ({where}): {what}; {kept}. {fix}"
+
+
 def _point_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
+    _write_atomically(root / LATEST, name + "\n")
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -71,17 +129,36 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def roll_back_latest(output_dir: str | Path, before_step: int) -> Path | None:
+    """Point `latest` at the newest complete checkpoint of a step before `before_step` (main process
+    only); returns it, or None (and `latest` unchanged) when there is none."""
+    root = checkpoint_root(output_dir)
+    complete = [p for p in root.glob("step-*") if (p / RUN_FILE).is_file() and int(p.name.split("-")[1]) < before_step]
+    if not complete:
+        return None
+    newest = max(complete, key=lambda p: (int(p.name.split("-")[1]), p.name))
+    _point_latest(root, newest.name)
+    return newest
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path:
-    """`--resume latest` (or `--resume` alone) -> the folder `latest` points at; else the given path."""
+    """`--resume latest` (or `--resume` alone) -> the folder `latest` points at; else the given path.
+    Raises `InputError` when there is nothing to resume."""
     if resume == LATEST:
-        pointer = checkpoint_root(output_dir) / LATEST
-        if not pointer.is_file():
-            raise FileNotFoundError(
-                f"--resume latest: no checkpoint in {pointer.parent} (no '{LATEST}' file); start without --resume"
+        folder = latest_folder(output_dir)
+        if folder is None:
+            raise InputError(
+                f"--resume: no checkpoint to resume in {checkpoint_root(output_dir)} (no '{LATEST}' file); "
+                f"start without --resume, or give the run's output_dir="
             )
-        folder = pointer.parent / pointer.read_text().strip()
     else:
         folder = Path(resume)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: checkpoint folder {folder} does not exist")
+        raise InputError(f"--resume {resume}: checkpoint folder {folder} does not exist")
     return folder
+
+
+def read_run(folder: Path) -> dict | None:
+    """The `run.json` saved beside a checkpoint (None for checkpoints written without one)."""
+    path = folder / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

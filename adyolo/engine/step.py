@@ -39,17 +39,17 @@ class Window:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
     micro: int = 0  # micro-batches whose loss was finite (and went through backward)
     images: int = 0
-    skipped: int = 0  # unreadable images replaced in this window's batches
+    skipped: set[int] = field(default_factory=set)  # indices of unreadable images met in this window's batches
     stepped: bool = False  # the optimizer changed the weights
     nonfinite: bool = False  # a micro-batch (or the step) was skipped for a non-finite value
     lr: float = 0.0  # the weights' learning rate of this step
 
-    def add(self, losses: dict[str, torch.Tensor], images: int, skipped: int) -> None:
+    def add(self, losses: dict[str, torch.Tensor], images: int, skipped: list[int]) -> None:
         for k in LOSS_TERMS:
             self.sums[k] += float(losses[k])
         self.micro += 1
         self.images += images
-        self.skipped += skipped
+        self.skipped.update(skipped)
 
     def mean_losses(self) -> dict[str, float]:
         n = max(self.micro, 1)
@@ -185,7 +185,7 @@ class TrainStep:
                     if not torch.isfinite(norm):  # a finite loss can still overflow in backward
                         window.stepped = False  # the norm is the same on every rank: all skip
                         window.nonfinite = nonfinite = True
-        window.add(losses, len(images), int(batch["skipped"]))
+        window.add(losses, len(images), batch["skipped"])
         return nonfinite
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:

@@ -9,7 +9,9 @@ metrics (results table, pictures, summary) is `RunReport`'s.
 
 from __future__ import annotations
 
+import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,24 +21,17 @@ from accelerate.utils import broadcast, broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adyolo.engine.checkpoint import TrainingState, save_resumable
+from adyolo.engine.checkpoint import TrainingState, roll_back_latest, save_resumable
 from adyolo.engine.config import LogConfig, TrainConfig
 from adyolo.engine.memory import fullest_rank_gib, per_rank_metrics, reset_peaks, snapshot
 from adyolo.engine.report import RunReport
 from adyolo.engine.step import TrainStep, Window
 from adyolo.eval.evaluator import predict, score
+from adyolo.failures import EXIT_NONFINITE, EXIT_STOPPED_BY_SIGNAL, RunFailure, WriteFailed
 from adyolo.tracking import Tracker
 from adyolo.weights import save_weights
 
-EXIT_STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: checkpoint saved, resubmit with --resume
-EXIT_NONFINITE = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what Slurm sends before preemption / time limit
-
-
-class StopTraining(Exception):
-    def __init__(self, exit_code: int, reason: str):
-        super().__init__(reason)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -51,8 +46,9 @@ class TrainerParts:
 
 
 class Trainer:
-    """`train`, `log`: their config sections; `epochs`, `output_dir`: the run's; `weights_config`: the
-    resolved run config, saved beside the weights in best.pt / last.pt; `precision`: of validation."""
+    """`train`, `log`: their config sections; `epochs`, `output_dir`: the run's; `record`: what each
+    checkpoint's run.json holds (the resolved run config under "config", also saved in best.pt /
+    last.pt; the ranks, micro-batch and ZeRO stage); `precision`: of validation."""
 
     def __init__(
         self,
@@ -61,7 +57,7 @@ class Trainer:
         log: LogConfig,
         epochs: int,
         output_dir: str | Path,
-        weights_config: dict,
+        record: dict,
         precision: str,
     ):
         self.parts = parts
@@ -71,9 +67,11 @@ class Trainer:
         self.log = log
         self.epochs = epochs
         self.output_dir = Path(output_dir)
-        self.weights_config = weights_config
+        self.record = record
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self._stop_signal = 0
+        self._nonfinite_from_step = 0  # the step after which the current streak of non-finite losses began
+        self._bad_images: set[int] = set()  # unreadable images met on this rank since the last log
         self._epoch_peak_gib = 0.0  # the fullest rank's peak memory in this epoch (0: not measured yet)
 
     @property
@@ -116,10 +114,14 @@ class Trainer:
                         f"early stop: {self.train.fitness} has not improved for {self.train.patience} evaluations"
                     )
                     break
-        except StopTraining as stop:
-            self.acc.print(str(stop))
-            self.parts.tracker.finish("KILLED" if stop.exit_code == EXIT_STOPPED_BY_SIGNAL else "FAILED")
-            return stop.exit_code
+        except RunFailure as failure:
+            # Every rank meets the failure together (the ranks agree on it), so one line says it all.
+            if self.acc.is_main_process:
+                signalled = failure.exit_code == EXIT_STOPPED_BY_SIGNAL
+                print(str(failure) if signalled else f"error: {failure}", file=sys.stdout if signalled else sys.stderr)
+            self._log_counters()
+            self.parts.tracker.finish("KILLED" if failure.exit_code == EXIT_STOPPED_BY_SIGNAL else "FAILED")
+            return failure.exit_code
         if self.acc.is_main_process:
             weights = {"best": self.output_dir / "best.pt", "last": self.output_dir / "last.pt"}
             summary = self.parts.report.finish(state.best_epoch, state.best_fitness, weights)
@@ -145,25 +147,25 @@ class Trainer:
             leave=True,
         )
         window = Window()
-        for batch in loader:
-            state.batches_in_epoch += 1
-            micro = self.step(batch, window, state.step)
-            if micro.nonfinite:
-                self._count_nonfinite()
-            bar.update(1)
-            if micro.window_ended:
-                if window.stepped:
-                    state.step += 1
-                    if not window.nonfinite:
-                        state.nonfinite_in_a_row = 0
-                    state.skipped_images += window.skipped
-                    if acc.is_main_process:
-                        losses = window.mean_losses()
-                        rate = window.images_per_s() * acc.num_processes
-                        self.parts.report.add_step({k: losses[k] for k in self._loss_terms}, window.lr, rate)
-                    self._after_optimizer_step(window, bar)
-                window = Window()
-        bar.close()
+        with bar:  # closed however the epoch ends, so that a message after it starts on its own line
+            for batch in loader:
+                state.batches_in_epoch += 1
+                micro = self.step(batch, window, state.step)
+                if micro.nonfinite:
+                    self._count_nonfinite()
+                bar.update(1)
+                if micro.window_ended:
+                    if window.stepped:
+                        state.step += 1
+                        if not window.nonfinite:
+                            state.nonfinite_in_a_row = 0
+                        self._bad_images |= window.skipped
+                        if acc.is_main_process:
+                            losses = window.mean_losses()
+                            rate = window.images_per_s() * acc.num_processes
+                            self.parts.report.add_step({k: losses[k] for k in self._loss_terms}, window.lr, rate)
+                        self._after_optimizer_step(window, bar)
+                    window = Window()
 
     def _after_optimizer_step(self, window: Window, bar) -> None:
         state = self.parts.state
@@ -173,11 +175,7 @@ class Trainer:
         if self.train.save_interval and state.step % self.train.save_interval == 0:
             self._save_checkpoint()
         if self._any_rank_signalled():
-            self._save_checkpoint()
-            raise StopTraining(
-                EXIT_STOPPED_BY_SIGNAL,
-                f"stopped by signal at step {state.step}; checkpoint saved, continue with --resume",
-            )
+            self._stop_for_signal("")
 
     def _log_step(self, window: Window) -> None:
         """Every rank reports its memory (a collective); the main process logs one series per rank."""
@@ -193,14 +191,21 @@ class Trainer:
                 "train/epoch": state.epoch + state.batches_in_epoch / len(self.parts.train_loader),
             }
         )
-        # Counters of what went wrong: charted from the first time they are not 0.
-        if state.skipped_images:
-            metrics["train/skipped_images"] = state.skipped_images
-        if state.nonfinite_steps:
-            metrics["train/nonfinite_steps"] = state.nonfinite_steps
         metrics.update(per_rank_metrics(gathered, acc.device.type))
         self._epoch_peak_gib = max(self._epoch_peak_gib, fullest_rank_gib(gathered, acc.device.type))
         self.parts.tracker.log_metrics(metrics, step=state.step)
+        self._log_counters()
+
+    def _log_counters(self) -> None:
+        """Counters of what went wrong, charted from the first time they are not 0. Unreadable images
+        count once per file, over every rank (a collective)."""
+        state = self.parts.state
+        seen = set(state.bad_images)
+        for indices in gather_object([sorted(self._bad_images - seen)]):
+            seen.update(indices)
+        state.bad_images, self._bad_images = sorted(seen), set()
+        counters = {"train/skipped_images": len(state.bad_images), "train/nonfinite_steps": state.nonfinite_steps}
+        self.parts.tracker.log_metrics({k: v for k, v in counters.items() if v}, step=state.step)
 
     # ------------------------------------------------------------------------------------------
     def _evaluate(self) -> bool:
@@ -208,8 +213,15 @@ class Trainer:
         parts, acc, state = self.parts, self.acc, self.parts.state
         self._sync_buffers()
         local = predict(
-            self.step.ema.module, parts.val_loader, acc.device, self.autocast_dtype, progress=acc.is_main_process
+            self.step.ema.module,
+            parts.val_loader,
+            acc.device,
+            self.autocast_dtype,
+            progress=acc.is_main_process,
+            stop=self._any_rank_signalled,  # Slurm's grace is short: save now, evaluate after --resume
         )
+        if local is None:
+            self._stop_for_signal(f" during validation (epoch {state.epoch + 1} is evaluated on --resume)")
         gathered = gather_object(local)
         decision = [False, False]
         if acc.is_main_process:
@@ -243,14 +255,27 @@ class Trainer:
             buffer.copy_(broadcast(buffer.to(self.acc.device), from_process=0))
 
     def _save_weights(self, name: str) -> None:
+        """best.pt / last.pt, by the main process; every rank learns whether it could be written."""
+        error = None
         if self.acc.is_main_process:
-            save_weights(
-                self.output_dir / name,
-                self.step.ema.module.state_dict(),
-                self.weights_config,
-                epoch=self.parts.state.epoch,
-                step=self.parts.state.step,
-                best_fitness=self.parts.state.best_fitness,
+            try:
+                save_weights(
+                    self.output_dir / name,
+                    self.step.ema.module.state_dict(),
+                    self.record["config"],
+                    epoch=self.parts.state.epoch,
+                    step=self.parts.state.step,
+                    best_fitness=self.parts.state.best_fitness,
+                )
+            except Exception as err:  # torch.save says "iostream error" on a full disk
+                error = err
+        flag = torch.tensor([float(error is not None)], device=self.acc.device)
+        if self.acc.reduce(flag, reduction="sum").item():
+            free = shutil.disk_usage(self.output_dir).free / 2**20
+            raise WriteFailed(
+                f"could not write {self.output_dir / name} ({free:.0f} MiB free"
+                + (f"; {type(error).__name__}: {error}" if error is not None else "")
+                + "); the checkpoints are intact: free space, then --resume"
             )
 
     # ------------------------------------------------------------------------------------------
@@ -259,17 +284,53 @@ class Trainer:
         state = self.parts.state
         state.nonfinite_steps += 1
         state.nonfinite_in_a_row += 1
-        if state.nonfinite_in_a_row >= self.train.max_nonfinite_steps:
-            self._save_checkpoint()
-            raise StopTraining(
+        if state.nonfinite_in_a_row == 1:
+            self._nonfinite_from_step = state.step
+        if state.nonfinite_in_a_row < self.train.max_nonfinite_steps:
+            return
+        what = f"{state.nonfinite_in_a_row} micro-batches in a row had a non-finite loss"
+        if self._weights_finite():  # the data or the loss, not the weights: this state is worth keeping
+            saved = self._save_checkpoint()
+            raise RunFailure(
+                f"{what}; checkpoint {saved.name} saved. Check the data or lower optim.lr, then --resume",
                 EXIT_NONFINITE,
-                f"{state.nonfinite_in_a_row} micro-batches in a row had a non-finite loss; "
-                f"checkpoint saved. Lower optim.lr or check the data, then --resume",
             )
+        # Forward passes in training mode have already written NaN into BatchNorm statistics, and the
+        # weights of the step before the first non-finite loss are what diverged: `latest` goes back
+        # to a checkpoint from before that step.
+        start = self._nonfinite_from_step
+        kept = [roll_back_latest(self.output_dir, start) if self.acc.is_main_process else None]
+        broadcast_object_list(kept)
+        advice = (
+            f"latest now points to {kept[0].name}, the last checkpoint before them: lower optim.lr, then --resume"
+            if kept[0] is not None
+            else f"no checkpoint precedes step {start}: lower optim.lr and start again (--exist-ok)"
+        )
+        raise RunFailure(
+            f"{what} from step {start} on and the weights are no longer finite (not saved); {advice}", EXIT_NONFINITE
+        )
 
-    def _save_checkpoint(self) -> None:
+    def _weights_finite(self) -> bool:
+        """Whether every rank's parameters (its ZeRO-3 shard) and buffers are finite (a collective)."""
+        model = self.step.model
+        local = [getattr(p, "ds_tensor", p) for p in model.parameters()] + list(model.buffers())
+        bad = sum(int(not torch.isfinite(t).all()) for t in local if t.is_floating_point() and t.numel())
+        flag = torch.tensor([float(bad)], device=self.acc.device)
+        return self.acc.reduce(flag, reduction="sum").item() == 0
+
+    def _save_checkpoint(self) -> Path:
         """The resumable state of every rank at this step (see `adyolo.engine.checkpoint`)."""
-        save_resumable(self.acc, self.output_dir, self.parts.state.step, self.train.keep_checkpoints)
+        return save_resumable(
+            self.acc, self.output_dir, self.parts.state.step, self.record, self.train.keep_checkpoints
+        )
+
+    def _stop_for_signal(self, when: str) -> None:
+        saved = self._save_checkpoint()
+        raise RunFailure(
+            f"stopped by signal{when} at step {self.parts.state.step}; checkpoint {saved.name} saved, "
+            "continue with --resume",
+            EXIT_STOPPED_BY_SIGNAL,
+        )
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -279,4 +340,4 @@ class Trainer:
         return self.acc.reduce(flag, reduction="sum").item() > 0
 
 
-__all__ = ["EXIT_NONFINITE", "EXIT_STOPPED_BY_SIGNAL", "Trainer", "TrainerParts"]
+__all__ = ["Trainer", "TrainerParts"]

@@ -7,6 +7,8 @@ the caller gathers those across ranks and calls `score` (size-based difficulty) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -37,10 +39,12 @@ def predict(
     conf_threshold: float = 0.02,
     iou_threshold: float = 0.5,
     progress: bool = False,
-) -> list[Prediction]:
+    stop: Callable[[], bool] | None = None,
+) -> list[Prediction] | None:
     """-> per image (path, detections [K, 16] `DetectionRow`, ground truth [N, 4] x y w h), all in the
     original image's pixels. `model` is the bare detector (e.g. the EMA copy). `progress`: a progress
-    bar (with ETA) that disappears when done."""
+    bar (with ETA) that disappears when done. `stop`: asked after every batch; when it says True the
+    evaluation ends at once and returns None."""
     was_training = model.training
     model.eval()
     results = []
@@ -55,6 +59,9 @@ def predict(
             size = faces[:, TargetRow.SIZE] / ratio
             gt = torch.cat([centre - size / 2, size], dim=1)
             results.append((batch["paths"][i], dets.numpy(), gt.numpy()))
+        if stop is not None and stop():
+            results = None
+            break
     model.train(was_training)
     return results
 

@@ -16,7 +16,7 @@ STRIDES = torch.tensor([4.0, 8.0, 16.0, 32.0])
 def test_layout_matches_the_collated_batch():
     batch = synthetic_batch(3, 640, seed=1)
     images, targets = batch["images"], batch["targets"]
-    assert images.shape == (3, 3, 640, 640) and images.dtype == torch.uint8 and batch["skipped"] == 0
+    assert images.shape == (3, 3, 640, 640) and images.dtype == torch.uint8 and batch["skipped"] == []
     assert targets.shape == (3 * SYNTHETIC_FACES_PER_IMAGE, TargetRow.COLUMNS)
     counts = torch.bincount(targets[:, TargetRow.IMAGE].long())
     assert counts.tolist() == [SYNTHETIC_FACES_PER_IMAGE] * 3 and (targets[:, TargetRow.CLASS] == 0).all()

@@ -82,14 +82,18 @@ def test_unreadable_images_are_skipped_warned_and_counted(tmp_path, caplog):
         _write_image(root / f"{name}.jpg")
     (root / "b.jpg").write_bytes(b"not a jpeg")  # corrupt
     (root / "d.jpg").write_bytes(b"")  # empty
+    whole = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))[1].tobytes()
+    (root / "e.jpg").write_bytes(whole[: len(whole) // 2])  # truncated: OpenCV alone would fill it grey
     ds = FaceDataset(list_images(root), 64)
     with caplog.at_level(logging.WARNING):
-        batch = collate([ds[i] for i in range(4)])
+        batch = collate([ds[i] for i in range(5)])
         collate([ds[1]])
-    assert batch["skipped"] == 2
-    assert batch["images"].shape == (4, 3, 64, 64)
+    # Each time an unreadable file is met, its index (d.jpg's replacement meets e.jpg, then e.jpg's own
+    # read): the trainer counts distinct files.
+    assert batch["skipped"] == [1, 3, 4, 4]
+    assert batch["images"].shape == (5, 3, 64, 64)
     warnings = [r.getMessage() for r in caplog.records]
-    assert sum("b.jpg" in w for w in warnings) == 1 and sum("d.jpg" in w for w in warnings) == 1
+    assert [sum(f"{n}.jpg" in w for w in warnings) for n in "bde"] == [1, 1, 1]
 
 
 def test_malformed_label_names_file_and_line(tmp_path):
@@ -111,8 +115,11 @@ def test_degenerate_boxes_are_dropped_or_clipped_and_empty_images_are_valid(tmp_
         "0 0.5 0.5 0 0.2\n"  # zero width: dropped
         "0 0.5 0.5 -0.1 0.2\n"  # negative width: dropped
         "0 0.95 0.5 0.3 0.2\n"  # crosses the right edge: clipped
+        "0 1.3 0.5 0.2 0.2\n"  # wholly outside: dropped
     )
     ds = FaceDataset(list_images(tmp_path / "images"), 64)
+    assert (ds.label_files, ds.faces, ds.dropped_boxes) == (1, 1, 3)
+    assert ds.summary() == "2 images, 1 label files, 1 faces, 3 boxes dropped (no size, or outside the image)"
     empty, faces = ds[0], ds[1]
     assert empty["targets"].shape == (0, 15)
     assert len(faces["targets"]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -14,12 +15,14 @@ from mlflow.tracking import MlflowClient
 
 from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, split_global_batch
-from adyolo.engine.checkpoint import LATEST, _point_latest, _prune, resolve_resume
+from adyolo.engine.checkpoint import LATEST, RUN_FILE, _free_name, _point_latest, _prune, resolve_resume
 from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
 from adyolo.engine.memory import FIELDS, fullest_rank_gib, per_rank_metrics, snapshot
 from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
+from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.trainer import STOP_SIGNALS, Trainer, TrainerParts
+from adyolo.failures import InputError
 from adyolo.model import build_model
 from adyolo.tracking import Tracker, flatten
 from adyolo.weights import load_weights, save_weights
@@ -108,8 +111,41 @@ def test_latest_pointer_and_pruning(tmp_path):
     # A folder written after the last pointer update (a save that crashed) is not what "latest" means.
     (root / "step-00000004").mkdir()
     assert resolve_resume("latest", tmp_path) == root / "step-00000003"
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(InputError, match="no checkpoint to resume"):
         resolve_resume("latest", tmp_path / "elsewhere")
+    # A second save at the latest step never writes into the folder `latest` points to.
+    assert _free_name(root, 3) == "step-00000003-1" and _free_name(root, 5) == "step-00000005"
+
+
+def test_a_run_folder_is_not_overwritten_and_a_resume_must_fit(tmp_path):
+    check_output_dir(tmp_path, None, False)  # empty: fine
+    (tmp_path / "checkpoints").mkdir()
+    _point_latest(tmp_path / "checkpoints", "step-00000008")
+    with pytest.raises(InputError, match=r"already holds a run \(checkpoints/latest -> step-00000008\).*--resume"):
+        check_output_dir(tmp_path, None, False)
+    check_output_dir(tmp_path, "latest", False)
+    check_output_dir(tmp_path, None, True)
+    (tmp_path / "best.pt").write_bytes(b"x")
+    clear_previous_run(tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "best.pt").exists()
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    config = {"model": {"size": "n", "fusion": "efficient"}, "train": {"global_batch": 8}}
+    saved = {"config": config, "world_size": 2, "micro_batch": 4, "zero_stage": 2}
+    (folder / RUN_FILE).write_text(json.dumps(saved))
+    assert check_resume(folder, config, 2, 2) == saved
+    other = {**config, "model": {"size": "s", "fusion": "efficient"}}
+    with pytest.raises(InputError, match="another model \\(model.size: 'n' -> 's'\\)"):
+        check_resume(folder, other, 2, 2)
+    with pytest.raises(InputError, match="ZeRO-2 checkpoint holds its optimizer state in 2 shards.*launch 2"):
+        check_resume(folder, config, 1, 2)
+    with pytest.raises(InputError, match="cannot be resumed without DeepSpeed"):
+        check_resume(folder, config, 1, 0)
+    # Without ZeRO the state is whole: any number of ranks, at the same position in the epoch.
+    (folder / RUN_FILE).write_text(json.dumps({**saved, "zero_stage": 0}))
+    assert check_resume(folder, config, 1, 0)["world_size"] == 2
+    assert resumed_batches({**saved, "zero_stage": 0}, 3, 8, 1) == 3  # 3 x 4 x 2 images = 3 x 8 x 1
 
 
 def test_portable_weights_round_trip(tmp_path):
@@ -187,9 +223,7 @@ def test_the_trainer_handles_stop_signals_only_while_it_fits(tmp_path):
     ended = []
     accelerator = types.SimpleNamespace(end_training=lambda: ended.append(True))
     parts = TrainerParts(accelerator, None, None, None, state=None, tracker=None, report=None)
-    trainer = Trainer(
-        parts, TrainConfig(), LogConfig(), epochs=1, output_dir=tmp_path, weights_config={}, precision="fp32"
-    )
+    trainer = Trainer(parts, TrainConfig(), LogConfig(), epochs=1, output_dir=tmp_path, record={}, precision="fp32")
     assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
     during = {}
 

@@ -1,0 +1,86 @@
+"""Supervising `accelerate launch` for `launch/launch.py`: its output passed through, the ranks' exit
+code (`adyolo.failures`) as its own, signals handed on, and nothing left running if this process dies.
+
+torchrun reports any failed rank as exit code 1, after its own log lines and traceback. The ranks
+write the code they agreed on to `$ADYOLO_EXIT_FILE` (`record_exit`); `supervise` reads it back
+once the launcher has ended and leaves the launcher's account of an expected ending out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from adyolo.failures import (
+    EXIT_BAD_INPUT,
+    EXIT_FILE_ENV,
+    EXIT_NONFINITE,
+    EXIT_STOPPED_BY_SIGNAL,
+    EXIT_WRITE_FAILED,
+    signal_on_parent_death,
+)
+
+EXPECTED = {EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_WRITE_FAILED, EXIT_STOPPED_BY_SIGNAL}
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def read_code(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def supervise(argv: list[str]) -> int:
+    """Run `accelerate launch <argv>` to its end; returns the exit code for the shell."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    with tempfile.TemporaryDirectory(prefix="adyolo-launch-") as tmp:
+        exit_file = Path(tmp) / "exit_code"
+        env = {**os.environ, EXIT_FILE_ENV: str(exit_file)}
+        child = subprocess.Popen(
+            [str(accelerate if accelerate.exists() else "accelerate"), "launch", *argv],
+            env=env,
+            stderr=subprocess.PIPE,
+            preexec_fn=signal_on_parent_death,  # if this process is killed, the launcher gets SIGTERM
+        )
+
+        def forward(signum, frame):
+            child.send_signal(signal.SIGTERM)  # torchrun passes SIGTERM on to every rank
+
+        for sig in FORWARDED:
+            signal.signal(sig, forward)
+        # Raw chunks, not lines: progress bars redraw with '\r'. Once the ranks have recorded an
+        # expected ending, the launcher's report of it (its log lines and traceback) says nothing new.
+        pending, dropping = b"", False
+        while chunk := os.read(child.stderr.fileno(), 65536):  # retried after a forwarded signal (PEP 475)
+            if read_code(exit_file) not in EXPECTED:
+                _write(chunk)
+                continue
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                dropping = dropping or launcher_report(line)
+                if not dropping:
+                    _write(line + b"\n")
+        if pending and not dropping and not launcher_report(pending):
+            _write(pending)
+        returncode = child.wait()
+        code = read_code(exit_file)
+    if returncode != 0 and code in EXPECTED:
+        return code
+    return returncode if returncode >= 0 else 128 - returncode  # killed by a signal: as a shell says it
+
+
+def launcher_report(line: bytes) -> bool:
+    """A line of torchrun's account of failed ranks: its elastic-agent log lines, its traceback."""
+    return line.startswith(b"Traceback (most recent call last)") or any(
+        mark in line for mark in (b"torch.distributed.elastic", b"torch/distributed/elastic")
+    )
+
+
+def _write(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
