@@ -20,7 +20,8 @@ checkpointing's recompute does not count as work). An out-of-memory error is a r
 the rank that hits it records it and exits, and the launcher stops the others.
 `--memory-budget-gib X` caps each process at X GiB (`torch.cuda.set_per_process_memory_fraction`)
 to emulate a smaller GPU. `--loader` also measures the training data loader (full augmentation)
-per worker count, so the two can be compared.
+per worker count, so the two can be compared. `--profile` traces two more steps of each row with
+torch.profiler: a Perfetto/Chrome trace per row and its top operators by self time in bench.md.
 
 Writes bench.md (tables, target checks), bench.json and bench.png to --out (default
 runs/bench/<time>), and logs them with one metric per row to MLflow (<out>/mlflow.db unless
@@ -70,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", default=f"0,{os.cpu_count() // 2},{os.cpu_count()}", help="loader workers")
     parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches per worker count")
     parser.add_argument("--data", help="loader: image folder or list (default: the synthetic dataset)")
+    parser.add_argument("--profile", action="store_true", help="also trace a few steps per row (torch.profiler)")
     return parser.parse_args()
 
 

@@ -80,6 +80,32 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert {"bench.md", "bench.json", "bench.png"} <= artifacts
 
 
+def test_profile_traces_a_row_and_names_its_costliest_operators(tmp_path):
+    out = tmp_path / "out"
+    proc = _bench(
+        *("--size", "n", "--img", "64", "--global-batch", "2", "--gpus", "1", "--fusion", "efficient"),
+        *("--checkpoint", "off", "--warmup", "1", "--steps", "1", "--out", str(out), "--profile"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((out / "bench.json").read_text())["rows"]
+    trace = json.loads(Path(row["trace"]).read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    shares = [op["share"] for op in row["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    # A convolutional detector: convolutions (forward or backward) are among its costliest operators.
+    assert any("conv" in op["op"] for op in row["top_ops"][:5]), row["top_ops"][:5]
+    assert all(op["self_ms_per_step"] > 0 and op["calls_per_step"] > 0 for op in row["top_ops"])
+    report = (out / "bench.md").read_text()
+    assert "Where the time goes" in report and f"| `{row['top_ops'][0]['op']}` |" in report
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (folder,) = client.list_artifacts(run.info.run_id, "profile")
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder.path)} == {
+        "trace.json",
+        "top_ops.txt",
+    }
+
+
 def test_bad_grid_values_and_config_keys_stop_before_any_row(tmp_path):
     proc = _bench("--attention", "flash", "--out", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "--attention: unknown 'flash'" in proc.stderr

@@ -53,6 +53,7 @@ class BenchSettings:
     workers: str = "0"
     loader_batches: int = 20
     data: str | None = None
+    profile: bool = False  # also trace a few steps of each row (torch.profiler)
 
 
 def run_benchmark(settings: BenchSettings) -> Path:
@@ -71,6 +72,7 @@ def run_benchmark(settings: BenchSettings) -> Path:
         "memory_budget_gib": settings.memory_budget_gib,
         "warmup": settings.warmup,
         "steps": settings.steps,
+        "profile": settings.profile,
     }
     rows = [] if settings.loader_only else expand_grid(axes)
     invalid = check_rows(rows, common)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adyolo.bench.grid import label
+from adyolo.bench.profile import TABLE_FILE, profile_table
 from adyolo.tracking import Tracker, tracking_uri
 
 GPU_SIZES_GIB = (16, 24, 40, 80, 141)  # the GPUs a row can be said to fit
@@ -160,6 +161,11 @@ def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
         text += [meta["loader_setup"], "", loader_table(loader), ""]
     if rows:
         text += ["Targets:", ""] + [f"- {c}" for c in target_checks(rows, loader, meta["memory_budget_gib"])]
+    profiled = profile_table(rows, label)
+    if profiled:
+        unit = "device" if cuda else "CPU"
+        text += ["", f"Where the time goes (`--profile`: self {unit} time per optimizer step, top operators):", ""]
+        text += [profiled]
     return "\n".join(text) + "\n"
 
 
@@ -181,4 +187,9 @@ def log_to_mlflow(out: Path, rows: list[dict], loader: list[dict], meta: dict, f
     tracker.log_metrics(metrics, step=0)
     for path in files:
         tracker.log_artifact(path)
+    for r in rows:  # each profiled row's trace and table, in a folder named for the row
+        if r.get("trace"):
+            folder = f"profile/{label(r).replace('=', '-').replace('+', '_').replace(' ', '_')}"
+            for path in (Path(r["trace"]), Path(r["trace"]).with_name(TABLE_FILE)):
+                tracker.log_artifact(path, folder)
     tracker.finish()

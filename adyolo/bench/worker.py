@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from adyolo.bench.grid import overrides
+from adyolo.bench.profile import TRACE_FILE, profile_steps
 from adyolo.bench.runner import EXIT_OOM
 from adyolo.config import load_run_config
 from adyolo.data.batch import synthetic_batch
@@ -103,6 +104,10 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         _synchronize(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - start)
+    top = []
+    if spec.get("profile"):  # after the timed steps, which the profiler must not slow
+        run_step = lambda i: prepared.step.run_window(batches, step=spec["warmup"] + spec["steps"] + i)  # noqa: E731
+        top = profile_steps(run_step, device, out, record=accelerator.is_main_process)
     seconds = torch.tensor([statistics.median(times)], device=device)
     memory = accelerator.gather(snapshot(device).to(device)[None]).cpu()
     slowest = float(accelerator.gather(seconds).max())
@@ -125,6 +130,7 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         "peak_allocated_gib": max(r["peak_allocated_gib"] for r in ranks),
         "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **({"top_ops": top, "trace": str(out / TRACE_FILE)} if top else {}),
     }
 
 
