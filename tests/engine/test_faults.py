@@ -303,7 +303,9 @@ def test_resume_on_another_number_of_ranks(synthetic, tmp_path):
 def test_a_full_disk_is_named_and_latest_stays_intact(synthetic, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(disk)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:  # a container without the capability: there is no small disk to fill here
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         out = disk / "run"
         proc = _start(train_command(out, synthetic, "epochs=100", "train.save_interval=2"))
