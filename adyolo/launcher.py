@@ -55,9 +55,10 @@ def supervise(argv: list[str]) -> int:
             signal.signal(sig, forward)
         # Raw chunks, not lines: progress bars redraw with '\r'. Once the ranks have recorded an
         # expected ending, the launcher's report of it (its log lines and traceback) says nothing new.
-        pending, dropping = b"", False
+        pending, dropping, ended = b"", False, False
         while chunk := os.read(child.stderr.fileno(), 65536):  # retried after a forwarded signal (PEP 475)
-            if read_code(exit_file) not in EXPECTED:
+            ended = ended or read_code(exit_file) in EXPECTED  # once written, the code stays
+            if not ended:
                 _write(chunk)
                 continue
             *lines, pending = (pending + chunk).split(b"\n")

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 from adyolo.config import load_run_config
-from adyolo.data.labels import LabelError
 from adyolo.engine.batching import BatchSplitError
 from adyolo.failures import EXIT_BAD_INPUT, RunFailure, record_exit, stop_with_parent
 from adyolo.run import build_run
@@ -64,7 +63,7 @@ def main() -> int:
     stop_with_parent()  # under a launcher: if it dies, save and stop rather than train on orphaned
     try:
         code = build_run(load_run_config(args.config, args.overrides), args.resume, args.exist_ok).fit()
-    except (ConfigError, BatchSplitError, LabelError, RunFailure) as err:
+    except (ConfigError, BatchSplitError, RunFailure) as err:
         # Every rank meets the same input error; one line, from the main rank, says it.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)

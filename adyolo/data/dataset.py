@@ -220,9 +220,7 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDatas
             datasets.append(
                 FaceDataset(images, img_size, cfg.augment if split == "train" else None, cfg.skip_bad_labels, seed)
             )
-        except FileNotFoundError as err:
-            raise InputError(f"data.{split}: {err}") from None
-        except LabelError as err:
+        except (FileNotFoundError, LabelError) as err:
             raise InputError(f"data.{split}: {err}") from None
     return datasets[0], datasets[1]
 

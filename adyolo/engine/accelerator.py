@@ -206,6 +206,13 @@ class InferenceProcesses:
         self.accelerator.end_training()
 
 
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any rank: how the ranks agree on a stop or a failure. A collective,
+    so every rank must call it at the same point."""
+    flags = torch.tensor([float(flag)], device=accelerator.device)
+    return accelerator.reduce(flags, reduction="sum").item() > 0
+
+
 def rank_placement(accelerator: Accelerator) -> dict[str, str]:
     """{"rank{r}.host": ..., "rank{r}.local_rank": ..., "rank{r}.device": ...} for every rank (a collective)."""
     device = accelerator.device

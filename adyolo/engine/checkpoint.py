@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import broadcast_object_list
 
+from adyolo.engine.accelerator import any_rank
 from adyolo.failures import InputError, WriteFailed
 
 LATEST = "latest"
@@ -78,12 +78,11 @@ def save_resumable(accelerator, output_dir: str | Path, step: int, run: dict, ke
             _write_atomically(target / RUN_FILE, json.dumps(run, indent=1, sort_keys=True))
     except Exception as err:  # a full disk is an OSError, a RuntimeError (torch.save), a SafetensorError...
         error = err
-    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
-    if failed.item():
+    if any_rank(accelerator, error is not None):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(target, ignore_errors=True)
-        raise WriteFailed(_write_failure(target, error, latest_folder(output_dir)))
+        raise WriteFailed(write_failure(target, error, latest_folder(output_dir)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _point_latest(root, target.name)
@@ -107,14 +106,20 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_failure(target: Path, error: BaseException | None, latest: Path | None) -> str:
+def write_failure(target: Path, error: BaseException | None, latest: Path | None) -> str:
+    """The one line for a checkpoint or weights file that could not be written: by this rank (`error`)
+    or by another (None); a full disk named as such; what is still there to resume."""
     free = shutil.disk_usage(target.parent if target.parent.exists() else ".").free
     full = free < LOW_SPACE_BYTES or (isinstance(error, OSError) and error.errno == errno.ENOSPC)
-    what = f"disk full ({free / 2**20:.0f} MiB free)" if full else f"{type(error).__name__}: {error}"
+    if full:
+        what = f"disk full ({free / 2**20:.0f} MiB free)"
+    elif error is not None:
+        what = f"{type(error).__name__}: {error}"
+    else:
+        what = "another rank could not write its part"
     kept = f"latest ({latest.name}) is intact" if latest is not None else "no earlier checkpoint exists"
     fix = "Free space (or copy the run folder elsewhere), then --resume" if latest else "Free space, then start again"
-    where = "this rank" if error is not None else "another rank"
-    return f"could not write checkpoint {target} ({where}): {what}; {kept}. {fix}"
+    return f"could not write {target}: {what}; {kept}. {fix}"
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -133,12 +138,17 @@ def roll_back_latest(output_dir: str | Path, before_step: int) -> Path | None:
     """Point `latest` at the newest complete checkpoint of a step before `before_step` (main process
     only); returns it, or None (and `latest` unchanged) when there is none."""
     root = checkpoint_root(output_dir)
-    complete = [p for p in root.glob("step-*") if (p / RUN_FILE).is_file() and int(p.name.split("-")[1]) < before_step]
+    complete = [p for p in root.glob("step-*") if (p / RUN_FILE).is_file() and step_of(p) < before_step]
     if not complete:
         return None
-    newest = max(complete, key=lambda p: (int(p.name.split("-")[1]), p.name))
+    newest = max(complete, key=lambda p: (step_of(p), p.name))
     _point_latest(root, newest.name)
     return newest
+
+
+def step_of(folder: Path) -> int:
+    """The optimizer step of a checkpoint folder: `step-<n>` or `step-<n>-<k>` -> n."""
+    return int(folder.name.split("-")[1])
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path:

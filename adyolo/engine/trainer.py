@@ -9,7 +9,6 @@ metrics (results table, pictures, summary) is `RunReport`'s.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from accelerate.utils import broadcast, broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adyolo.engine.checkpoint import TrainingState, roll_back_latest, save_resumable
+from adyolo.engine.accelerator import any_rank
+from adyolo.engine.checkpoint import TrainingState, latest_folder, roll_back_latest, save_resumable, write_failure
 from adyolo.engine.config import LogConfig, TrainConfig
 from adyolo.engine.memory import fullest_rank_gib, per_rank_metrics, reset_peaks, snapshot
 from adyolo.engine.report import RunReport
@@ -201,8 +201,10 @@ class Trainer:
         count once per file, over every rank (a collective)."""
         state = self.parts.state
         seen = set(state.bad_images)
-        for indices in gather_object([sorted(self._bad_images - seen)]):
-            seen.update(indices)
+        new = self._bad_images - seen
+        if any_rank(self.acc, bool(new)):  # the lists themselves only when some rank met a new one
+            for indices in gather_object([sorted(new)]):
+                seen.update(indices)
         state.bad_images, self._bad_images = sorted(seen), set()
         counters = {"train/skipped_images": len(state.bad_images), "train/nonfinite_steps": state.nonfinite_steps}
         self.parts.tracker.log_metrics({k: v for k, v in counters.items() if v}, step=state.step)
@@ -269,14 +271,8 @@ class Trainer:
                 )
             except Exception as err:  # torch.save says "iostream error" on a full disk
                 error = err
-        flag = torch.tensor([float(error is not None)], device=self.acc.device)
-        if self.acc.reduce(flag, reduction="sum").item():
-            free = shutil.disk_usage(self.output_dir).free / 2**20
-            raise WriteFailed(
-                f"could not write {self.output_dir / name} ({free:.0f} MiB free"
-                + (f"; {type(error).__name__}: {error}" if error is not None else "")
-                + "); the checkpoints are intact: free space, then --resume"
-            )
+        if any_rank(self.acc, error is not None):
+            raise WriteFailed(write_failure(self.output_dir / name, error, latest_folder(self.output_dir)))
 
     # ------------------------------------------------------------------------------------------
     def _count_nonfinite(self) -> None:
@@ -314,9 +310,8 @@ class Trainer:
         """Whether every rank's parameters (its ZeRO-3 shard) and buffers are finite (a collective)."""
         model = self.step.model
         local = [getattr(p, "ds_tensor", p) for p in model.parameters()] + list(model.buffers())
-        bad = sum(int(not torch.isfinite(t).all()) for t in local if t.is_floating_point() and t.numel())
-        flag = torch.tensor([float(bad)], device=self.acc.device)
-        return self.acc.reduce(flag, reduction="sum").item() == 0
+        bad = any(not torch.isfinite(t).all() for t in local if t.is_floating_point() and t.numel())
+        return not any_rank(self.acc, bad)
 
     def _save_checkpoint(self) -> Path:
         """The resumable state of every rank at this step (see `adyolo.engine.checkpoint`)."""
@@ -336,8 +331,7 @@ class Trainer:
         self._stop_signal = signum
 
     def _any_rank_signalled(self) -> bool:
-        flag = torch.tensor([float(self._stop_signal)], device=self.acc.device)
-        return self.acc.reduce(flag, reduction="sum").item() > 0
+        return any_rank(self.acc, bool(self._stop_signal))
 
 
 __all__ = ["Trainer", "TrainerParts"]
