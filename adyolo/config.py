@@ -18,6 +18,7 @@ override) where it was written.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class RunConfig:
             raise ConfigError("epochs", f"{self.epochs} must be at least 1")
         if not self.output_dir:
             raise ConfigError("output_dir", "must name a folder")
+        # The loss's objectness weights follow the model's levels (4 for GD, 3 for yolov5face); written in,
+        # so the saved config holds what the run used.
+        try:
+            balance = self.loss.balance_for(self.model.num_levels, self.model.neck)
+        except ConfigError as err:
+            raise err.under("loss") from None
+        if balance != self.loss.balance:
+            self.loss = dataclasses.replace(self.loss, balance=balance)
         if self.train.compile and self.model.checkpoint:
             # The recompute restores BatchNorm buffers in a context torch.compile cannot trace.
             raise ConfigError(

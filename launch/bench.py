@@ -4,8 +4,10 @@
     python launch/bench.py --fusion full --attention sdpa,explicit --precision fp32,bf16 --checkpoint off,all
     python launch/bench.py --zero 0,2,3 --gpus 8 --memory-budget-gib 16
     python launch/bench.py --loader --workers 0,4,8,16       # also the data loader's images/s
+    python launch/bench.py --fusion yolov5face,efficient,full --attention sdpa   # against the baseline
 
-Each row is one training configuration: fusion (full, efficient), attention (sdpa, explicit; full
+Each row is one training configuration: fusion (full, efficient, or yolov5face: the YOLOv5-Face
+baseline, `model.neck=yolov5face`, PAN neck with 3 levels and no GD fusion), attention (sdpa, explicit; full
 only), precision (fp32, bf16), activation checkpointing (off, all, or blocks joined with "+"), ZeRO
 stage (0: plain DDP, 1, 2, 2_offload, 3), channels_last and torch.compile. A row runs in fresh
 processes, one per GPU (`accelerate launch` with the matching ds_configs/ JSON), and times what
@@ -46,7 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     grid = parser.add_argument_group("grid (comma lists; every combination is a row)")
-    grid.add_argument("--fusion", default="full,efficient")
+    grid.add_argument(
+        "--fusion", default="full,efficient", help="full, efficient, yolov5face (the baseline: model.neck=yolov5face)"
+    )
     grid.add_argument("--attention", default="sdpa,explicit", help="sdpa, explicit (full only)")
     grid.add_argument("--precision", default="bf16" if cuda else "fp32", help="fp32, bf16")
     grid.add_argument("--checkpoint", default="off,all", help='off, all, or block names joined with "+"')

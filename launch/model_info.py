@@ -3,6 +3,7 @@
     python launch/model_info.py                                   # the default: size s, full/sdpa
     python launch/model_info.py --config launch/configs/model/adyolo_s_efficient.yaml
     python launch/model_info.py model.size=n model.checkpoint=[all] --batch 2
+    python launch/model_info.py model.neck=yolov5face            # the YOLOv5s-face baseline (3 levels)
 
 Prints the resolved model config, parameters and GFLOPs at the configured size, then one optimizer step
 (`TrainStep`: forward, the detection loss, backward, optimizer and EMA update) on a synthetic batch on

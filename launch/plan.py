@@ -6,13 +6,14 @@
     python launch/plan.py --config run.yaml --json                # the same, machine-readable
 
 For the run config's model, image size and global batch, and each variant (full/sdpa, full/explicit,
-efficient): the predicted per-rank memory per micro-batch and activation checkpointing (off, selected
-blocks, all), and for each number of GPUs and GPU size the recommended setting: the least recompute,
-then the fewest accumulation steps, that fits, with the global batch exact. The prediction traces one
-real training step on fake tensors (nothing is allocated) and adds what a trace cannot see (ZeRO's
-sharding and buffers from ds_configs/, the GPU's attention kernel, allocator reserve, CUDA context,
-workspaces, NCCL); see adyolo/plan/terms.py. Traces are cached (~/.cache/adyolo/plan), so a repeated
-plan takes seconds. Writes plan.md, plan.json and plan.png to --out (default runs/plan/<config name>).
+efficient; with model.neck=yolov5face the baseline alone): the predicted per-rank memory per micro-batch
+and activation checkpointing (off, selected blocks, all), and for each number of GPUs and GPU size the
+recommended setting: the least recompute, then the fewest accumulation steps, that fits, with the global
+batch exact. The prediction traces one real training step on fake tensors (nothing is allocated) and
+adds what a trace cannot see (ZeRO's sharding and buffers from ds_configs/, the GPU's attention kernel,
+allocator reserve, CUDA context, workspaces, NCCL); see adyolo/plan/terms.py. Traces are cached
+(~/.cache/adyolo/plan), so a repeated plan takes seconds. Writes plan.md, plan.json and plan.png to
+--out (default runs/plan/<config name>).
 
     python launch/plan.py --validate      # the plan against real CPU steps and 2-4 process runs
 

@@ -16,10 +16,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from adyolo.bench import runner, worker
-from adyolo.bench.grid import GridError, expand_grid, label, parse_axes
+from adyolo.bench.grid import GridError, expand_grid, label, overrides, parse_axes
+from adyolo.bench.main import check_rows
 from adyolo.bench.report import target_checks
+from adyolo.config import load_run_config
 from adyolo.model import ModelConfig, build_model
-from adyolo.model.summary import count_training_gflops
+from adyolo.model.summary import count_parameters, count_training_gflops
 from tests.engine.runs import environment
 
 BENCH = Path(__file__).parents[1] / "launch" / "bench.py"
@@ -137,6 +139,44 @@ def test_grid_varies_attention_only_for_the_full_variant():
         parse_axes({**axes, "zero": "0,4", "global_batch": "40"})
     with pytest.raises(GridError, match="--global-batch takes positive integers, got 40,0"):
         parse_axes({**axes, "zero": "0", "global_batch": "40,0"})
+
+
+def test_the_yolov5face_baseline_is_a_row_beside_the_gd_variants():
+    axes = {
+        "global_batch": "2",
+        "fusion": "yolov5face,efficient,full",
+        "attention": "sdpa",
+        "precision": "fp32",
+        "checkpoint": "off,all,neck.low_fusion",
+        "zero": "0",
+        "channels_last": "off",
+        "compile": "off",
+    }
+    rows = expand_grid(parse_axes(axes))
+    names = [label(r) for r in rows]
+    assert names[:3] == [
+        "yolov5face fp32 ckpt=off ddp b2",
+        "yolov5face fp32 ckpt=all ddp b2",
+        "yolov5face fp32 ckpt=neck.low_fusion ddp b2",
+    ]
+    assert "efficient fp32 ckpt=off ddp b2" in names and "full/sdpa fp32 ckpt=off ddp b2" in names
+    common = {"config": None, "size": "n", "img": 64, "micro_batch": None, "overrides": []}
+    baseline = overrides(rows[0], common)
+    assert "model.neck=yolov5face" in baseline and not any(
+        o.startswith(("model.fusion", "model.attention")) for o in baseline
+    )
+    assert "model.neck=gd" in overrides(rows[3], common)
+    cfg = load_run_config(None, baseline)
+    assert (cfg.model.neck, cfg.model.variant, cfg.model.num_levels) == ("yolov5face", "yolov5face", 3)
+
+    invalid = check_rows(rows, common)
+    # A GD block name is not a block of the baseline: that row is a result ("invalid"), not an error.
+    assert list(invalid) == [2] and "unknown block 'neck.low_fusion' for neck 'yolov5face'" in invalid[2]
+    model = build_model(cfg.model)
+    assert rows[0]["params_m"] == pytest.approx(count_parameters(model) / 1e6)
+    assert rows[0]["train_gflops_per_image"] == pytest.approx(count_training_gflops(model, 64))
+    gd = next(r for r in rows if r["fusion"] == "efficient")
+    assert gd["train_gflops_per_image"] != rows[0]["train_gflops_per_image"]  # one FLOP count per network
 
 
 def test_an_out_of_memory_rank_records_the_row_as_oom(tmp_path, monkeypatch):

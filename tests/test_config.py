@@ -72,6 +72,24 @@ def test_shipped_model_configs_load():
         ("model:\n  attention_heads: 3\n", "model.attention_heads", 2, ["does not divide the 128"]),
         ("modle:\n  size: s\n", "modle", 1, ["unknown key", "did you mean 'model'"]),
         (
+            "model:\n  neck: yolov5face\n  anchors: [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]\n",
+            "model.anchors",
+            3,
+            ["expected 3 levels (strides 8, 16, 32) for neck 'yolov5face'", "3 lists of 6 numbers"],
+        ),
+        (
+            "model:\n  neck: yolov5face\n  checkpoint: [neck.low_fusion]\n",
+            "model.checkpoint",
+            3,
+            ["unknown block 'neck.low_fusion' for neck 'yolov5face'", "backbone.stem", "neck.top_down_p3"],
+        ),
+        (
+            "model:\n  neck: yolov5face\nloss:\n  balance: [4.0, 1.0, 0.25, 0.06]\n",
+            "loss.balance",
+            4,
+            ["has 4 weights, the 'yolov5face' neck's model has 3 detection levels", "[4.0, 1.0, 0.4]"],
+        ),
+        (
             "model:\n  checkpoint: [all]\ntrain:\n  compile: true\n",
             "train.compile",
             4,
@@ -123,3 +141,25 @@ def test_build_model_rejects_bad_mapping():
         build_model({"fusion": "ful"})
     with pytest.raises(ConfigError, match=r"^model.img_size: 100 is not a positive multiple of 32"):
         build_model({"img_size": 100})
+
+
+def test_the_neck_sets_the_levels_anchors_and_loss_balance():
+    gd, yolo = load_run_config(), load_run_config(None, ["model.neck=yolov5face"])
+    assert (gd.model.num_levels, yolo.model.num_levels) == (4, 3)
+    # Resolved into the config (and so into config.yaml and best.pt): the 4-level default is unchanged.
+    assert gd.loss.balance == [4.0, 1.0, 0.25, 0.06] and yolo.loss.balance == [4.0, 1.0, 0.4]
+    assert yolo.model.anchors == [[4, 5, 8, 10, 13, 16], [23, 29, 43, 55, 73, 105], [146, 217, 231, 300, 335, 433]]
+    assert load_run_config(None, ["model.neck=yolov5face", "loss.balance=[3.0, 1.0, 0.5]"]).loss.balance == [
+        3.0,
+        1.0,
+        0.5,
+    ]
+    with pytest.raises(ConfigError, match=r"override 'loss.balance=\[1, 1, 1\]': loss.balance: .* has 3 weights"):
+        load_run_config(None, ["loss.balance=[1, 1, 1]"])
+
+
+def test_shipped_yolov5face_model_config_is_the_baseline():
+    from pathlib import Path
+
+    cfg = load_model_config(Path(__file__).parents[1] / "launch/configs/model/yolov5face_s.yaml")
+    assert cfg == ModelConfig(size="s", neck="yolov5face") and cfg.variant == "yolov5face"

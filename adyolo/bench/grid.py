@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 
 ZERO_CHOICES = ("0", "1", "2", "2_offload", "3")  # 0: plain DDP
 # Allowed values of the axes that take a fixed set; "checkpoint" takes off, all or block names.
+# "fusion" also takes `yolov5face`: the YOLOv5-Face baseline (`model.neck=yolov5face`, no GD fusion).
 CHOICES = {
-    "fusion": ("full", "efficient"),
+    "fusion": ("full", "efficient", "yolov5face"),
     "attention": ("sdpa", "explicit"),
     "precision": ("fp32", "bf16"),
     "zero": ZERO_CHOICES,
@@ -37,7 +38,7 @@ def parse_axes(values: Mapping[str, str]) -> dict[str, list]:
 
 
 def expand_grid(axes: Mapping[str, Sequence]) -> list[dict]:
-    """Rows for every combination; attention varies only for the full variant."""
+    """Rows for every combination; attention varies only for the full variant (`-` for the others)."""
     rows, seen = [], set()
     for batch, fusion, attention, precision, ckpt, zero, cl, compiled in itertools.product(*(axes[a] for a in AXES)):
         row = {
@@ -58,7 +59,7 @@ def expand_grid(axes: Mapping[str, Sequence]) -> list[dict]:
 
 
 def label(row: dict) -> str:
-    """A short unique name, e.g. `full/sdpa bf16 ckpt=all z2 cl compile b40`."""
+    """A short unique name, e.g. `full/sdpa bf16 ckpt=all z2 cl compile b40`, `yolov5face fp32 ckpt=off ddp b2`."""
     parts = [
         f"{row['fusion']}/{row['attention']}" if row["fusion"] == "full" else row["fusion"],
         row["precision"],
@@ -70,9 +71,14 @@ def label(row: dict) -> str:
 
 
 def overrides(row: dict, common: dict) -> list[str]:
-    """The `key=value` overrides that turn the run config into this row's."""
+    """The `key=value` overrides that turn the run config into this row's (a `yolov5face` row sets
+    `model.neck=yolov5face` and no fusion or attention; the others `model.neck=gd`)."""
     ckpt = [] if row["checkpoint"] == "off" else row["checkpoint"].split("+")
-    model = [f"model.fusion={row['fusion']}", f"model.checkpoint=[{','.join(ckpt)}]"]
+    if row["fusion"] == "yolov5face":
+        model = ["model.neck=yolov5face"]
+    else:
+        model = ["model.neck=gd", f"model.fusion={row['fusion']}"]
+    model.append(f"model.checkpoint=[{','.join(ckpt)}]")
     if row["fusion"] == "full":
         model.append(f"model.attention={row['attention']}")
     return [

@@ -28,7 +28,7 @@ from adyolo.schema import ConfigError
 class BenchSettings:
     """What `launch/bench.py` asks for (its flags, same names). Grid axes are comma lists."""
 
-    fusion: str = "full,efficient"
+    fusion: str = "full,efficient"  # full, efficient, yolov5face (the baseline: model.neck=yolov5face)
     attention: str = "sdpa,explicit"
     precision: str = "fp32"
     checkpoint: str = "off,all"
@@ -121,6 +121,8 @@ def check_rows(rows: list[dict], common: dict) -> dict[int, str]:
         except ConfigError as err:
             invalid[i] = str(err)
             continue
+        # One count per model: the fusion axis names the network (`yolov5face`: the baseline, attention
+        # "-"); checkpointing, precision and the rest do not change the model's FLOPs.
         key = (row["fusion"], row["attention"])
         if key not in flops:
             model = build_model(cfg.model)

@@ -58,7 +58,7 @@ def export_weights(request: ExportRequest) -> bool:
     shape = "x".join(map(str, report.input_shape))
     print(
         f"exported {report.path} ({report.size_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s): "
-        f"{model.cfg.fusion} fusion, opset {request.opset}, input images {shape}, "
+        f"{_variant(model.cfg)}, opset {request.opset}, input images {shape}, "
         f"outputs {', '.join(report.output_names)}"
     )
     if not request.check:
@@ -68,3 +68,8 @@ def export_weights(request: ExportRequest) -> bool:
     for result in results:
         print(result)
     return all(r.passed for r in results)
+
+
+def _variant(cfg) -> str:
+    """The exported detector in words: `efficient fusion`, `full fusion` or `yolov5face neck`."""
+    return "yolov5face neck" if cfg.neck == "yolov5face" else f"{cfg.fusion} fusion"

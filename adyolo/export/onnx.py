@@ -7,13 +7,17 @@ The exported graph takes
 and returns, with `decode=True` (the default: what a mobile app wants, one tensor and no anchor logic
 of its own, only a score threshold and NMS)
 
-    detections  float32 [B, N, 15 + C], N = 3 * (H/4 * W/4 + H/8 * W/8 + H/16 * W/16 + H/32 * W/32)
+    detections  float32 [B, N, 15 + C], N = 3 * sum over the levels' strides s of H/s * W/s
+                (s = 4, 8, 16, 32 for the GD neck; 8, 16, 32 for `model.neck: yolov5face`)
                 columns cx, cy, w, h (input pixels), objectness, 5 x (x, y) landmarks (input pixels),
                 C class scores (sigmoid); score = objectness * class score
 
 or, with `decode=False`, the head's raw maps (to decode elsewhere, e.g. on an accelerator that lacks an op):
 
-    p2, p3, p4, p5  float32 [B, 3, H/s, W/s, 15 + C] for strides s = 4, 8, 16, 32
+    p2, p3, p4, p5  float32 [B, 3, H/s, W/s, 15 + C] for strides s = 4, 8, 16, 32 (GD neck)
+    p3, p4, p5      the same for strides s = 8, 16, 32 (`model.neck: yolov5face`)
+
+(`p<k>` is the level of stride 2^k: `raw_output_names`.)
 
 A fixed export has B and H x W of the export; a dynamic one takes any batch and any H, W that are
 multiples of 32 (the largest stride), from 64 to `MAX_DYNAMIC_SIDE` pixels.
@@ -49,12 +53,13 @@ MAX_DYNAMIC_BATCH = 1024
 # baked-in size, a different resize) is off by 1e-2 or more. 1e-3 leaves room for deeper models.
 DEFAULT_TOLERANCE = 1e-3
 INPUT_NAME = "images"
-RAW_OUTPUT_NAMES = ("p2", "p3", "p4", "p5")
+RAW_OUTPUT_NAMES = ("p2", "p3", "p4", "p5")  # the GD detector's; `raw_output_names` for any model
 DECODED_OUTPUT_NAME = "detections"
 
 
 class DeployModel(nn.Module):
-    """images [B, 3, H, W] -> detections [B, N, 15 + C] (decode) or the 4 raw maps [B, 3, H/s, W/s, 15 + C]."""
+    """images [B, 3, H, W] -> detections [B, N, 15 + C] (decode) or the raw maps [B, 3, H/s, W/s, 15 + C],
+    one per level (4 for the GD neck, 3 for yolov5face)."""
 
     def __init__(self, model: ADYOLOFace, decode: bool = True):
         super().__init__()
@@ -100,8 +105,14 @@ class Comparison:
         )
 
 
-def output_names(decode: bool) -> list[str]:
-    return [DECODED_OUTPUT_NAME] if decode else list(RAW_OUTPUT_NAMES)
+def raw_output_names(strides) -> list[str]:
+    """`p<k>` for each level of stride 2^k: (4, 8, 16, 32) -> p2, p3, p4, p5; (8, 16, 32) -> p3, p4, p5."""
+    return [f"p{int(s).bit_length() - 1}" for s in strides]
+
+
+def output_names(decode: bool, strides=(4, 8, 16, 32)) -> list[str]:
+    """The graph's output names: `detections`, or one raw map per level of `strides` (the model's)."""
+    return [DECODED_OUTPUT_NAME] if decode else raw_output_names(strides)
 
 
 def check_image_size(height: int, width: int, dynamic: bool) -> None:
@@ -133,7 +144,7 @@ def export_onnx(
     check_image_size(height, width, dynamic)
     model = model.eval()
     deploy = DeployModel(model, decode).eval()
-    names = output_names(decode)
+    names = output_names(decode, model.strides)
     dynamic_shapes = None
     if dynamic:
         # Sides as 32 * k: the exporter then knows every feature map is an exact fraction of the input.
@@ -142,9 +153,9 @@ def export_onnx(
         cols = torch.export.Dim("cols_32", min=2, max=MAX_DYNAMIC_SIDE // MAX_STRIDE)
         dynamic_shapes = ({0: batch_dim, 2: MAX_STRIDE * rows, 3: MAX_STRIDE * cols},)
         # torch.export turns a size that is 1 in the example into a constant: trace at batch 2 and at a
-        # size where the smallest map, High-GD's ceil(H / high_stride), is at least 2 x 2.
+        # size where the smallest map (GD: High-GD's ceil(H / high_stride)) is at least 2 x 2.
         batch = 2
-        smallest = 2 * max(model.cfg.high_stride, MAX_STRIDE)
+        smallest = 2 * model.cfg.coarsest_stride
         height, width = max(height, smallest), max(width, smallest)
     example = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     path = Path(path)

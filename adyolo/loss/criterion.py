@@ -9,17 +9,19 @@ from adyolo.layout import NUM_LANDMARKS, AnchorOutput
 from adyolo.loss.assigner import assign
 from adyolo.loss.config import LossConfig
 from adyolo.loss.terms import ciou_loss, wing_loss
+from adyolo.schema import ConfigError
 
 MIN_SIZE = 1e-3  # grid cells
 # YOLOv5 (v2-v4 loss.py) scales the loss gains, tuned for 3 output levels, by 3 / levels, and gives
-# objectness this extra factor when there are 4 levels (its P3-P6 models); our head has 4 (P2-P5).
+# objectness this extra factor when there are 4 levels (its P3-P6 models): the GD head has 4 (P2-P5),
+# the yolov5face baseline 3 (P3-P5).
 REFERENCE_LEVELS = 3
 FOUR_LEVEL_OBJ_GAIN = 1.4
 
 
 class DetectionLoss:
-    """raw head outputs (4 x [B, A, H, W, 15 + C], `AnchorOutput`) + targets [M, 16] (`TargetRow`, pixels)
-    -> loss terms.
+    """raw head outputs (L x [B, A, H, W, 15 + C], `AnchorOutput`; L = 4 levels for the GD neck, 3 for
+    yolov5face) + targets [M, 16] (`TargetRow`, pixels) -> loss terms.
 
     Returns {"box", "obj", "cls", "landmark"} (detached, per image, for logging) and "total" (to
     backpropagate): the weighted sum times the batch size, as in YOLOv5, so the learning rates of
@@ -31,6 +33,12 @@ class DetectionLoss:
         self.anchors_px = anchors_px.detach().float()  # [L, A, 2]
         self.strides = strides.detach().float()  # [L]
         self.num_classes = num_classes
+        # Objectness weight per level: the config's, or YOLOv5's default for L levels (ConfigError if
+        # the config's has another length).
+        try:
+            self.balance = cfg.balance_for(len(self.strides))
+        except ConfigError as err:
+            raise err.under("loss") from None
 
     def __call__(self, raw: list[torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -67,7 +75,8 @@ class DetectionLoss:
                 landmark = landmark + wing_loss(
                     points[mask], t.landmarks[mask], cfg.wing_width, cfg.wing_curvature
                 ).sum() / mask.sum().clamp(min=1)
-            obj = obj + F.binary_cross_entropy_with_logits(pred[..., AnchorOutput.OBJ], obj_target) * cfg.balance[level]
+            obj_loss = F.binary_cross_entropy_with_logits(pred[..., AnchorOutput.OBJ], obj_target)
+            obj = obj + obj_loss * self.balance[level]
         scale = REFERENCE_LEVELS / len(raw)
         box = box * cfg.box * scale
         obj = obj * cfg.obj * scale * (FOUR_LEVEL_OBJ_GAIN if len(raw) == 4 else 1.0)

@@ -26,7 +26,8 @@ PRIOR_CLASS_PROBABILITY = 0.6
 
 
 class DetectHead(nn.Module):
-    """Features [B, C_i, H_i, W_i] for 4 levels -> raw maps [B, 3, H_i, W_i, 15 + num_classes] (`AnchorOutput`)."""
+    """Features [B, C_i, H_i, W_i] for L levels (one per `in_channels` and `anchors` entry: 4 for the GD
+    neck, 3 for yolov5face) -> L raw maps [B, 3, H_i, W_i, 15 + num_classes] (`AnchorOutput`)."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, anchors: Sequence[Sequence[float]]):
         super().__init__()

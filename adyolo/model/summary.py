@@ -49,15 +49,16 @@ def count_training_gflops(model: nn.Module, height: int, width: int | None = Non
 class ModelSummary:
     """What the start-up report says about a detector."""
 
-    variant: str  # e.g. "size=s fusion=full, attention=sdpa"
+    variant: str  # e.g. "size=s fusion=full, attention=sdpa", "size=s neck=yolov5face"
     parameters: int
     gflops: float  # one image at img_size x img_size
     img_size: int
     checkpointed: tuple[str, ...]
 
     def __str__(self) -> str:
+        name = "YOLOv5-Face" if "neck=yolov5face" in self.variant else "ADYOLOv5-Face"
         return (
-            f"ADYOLOv5-Face {self.variant}: {self.parameters / 1e6:.3f} M parameters, "
+            f"{name} {self.variant}: {self.parameters / 1e6:.3f} M parameters, "
             f"{self.gflops:.2f} GFLOPs at {self.img_size}x{self.img_size}, "
             f"activation checkpointing: {', '.join(self.checkpointed) if self.checkpointed else 'off'}"
         )
@@ -66,9 +67,11 @@ class ModelSummary:
 def summarize(model: nn.Module, img_size: int) -> ModelSummary:
     """Count once; print it (`str`) and log its fields."""
     cfg = model.cfg
-    attention = f", attention={cfg.attention}" if cfg.fusion == "full" else ""
+    variant = f"size={cfg.size} " + ("neck=yolov5face" if cfg.neck == "yolov5face" else f"fusion={cfg.fusion}")
+    if cfg.uses_attention:
+        variant += f", attention={cfg.attention}"
     return ModelSummary(
-        variant=f"size={cfg.size} fusion={cfg.fusion}{attention}",
+        variant=variant,
         parameters=count_parameters(model),
         gflops=count_gflops(model, img_size),
         img_size=img_size,

@@ -130,7 +130,9 @@ def plan_run(cfg: RunConfig, launch: LaunchSettings, main_process: bool) -> tupl
         else split_global_batch(global_batch, world, cfg.train.micro_batch).micro_batch
     )
     checkpoints = (
-        tuple(CHECKPOINT_LADDER) if cfg.model.checkpoint == "auto" else (checkpoint_name(cfg.model.checkpoint),)
+        tuple(CHECKPOINT_LADDER)
+        if cfg.model.checkpoint == "auto"
+        else (checkpoint_name(cfg.model.checkpoint, cfg.model),)
     )
     chosen = planner.recommend(
         global_batch,
@@ -153,7 +155,7 @@ def plan_run(cfg: RunConfig, launch: LaunchSettings, main_process: bool) -> tupl
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, micro_batch=setting.micro_batch),
-        model=dataclasses.replace(cfg.model, checkpoint=list(setting.blocks)),
+        model=dataclasses.replace(cfg.model, checkpoint=list(setting.blocks_for(cfg.model))),
     )
     return cfg, RunPlan(chosen, auto, budget, resident, private)
 
@@ -164,7 +166,7 @@ def plan_setting(
     """The plan of a run whose setting is fixed: its config's checkpointing at `split`, on `device`
     ("gpu" | "cpu"); `resident` and `private`: this process's memory so far (CPU)."""
     planner = Planner(cfg.model, cfg.loss, cfg.optim, cfg.train, launch.precision)
-    setting = Setting(split.micro_batch, split.accumulation, checkpoint_name(cfg.model.checkpoint))
+    setting = Setting(split.micro_batch, split.accumulation, checkpoint_name(cfg.model.checkpoint, cfg.model))
     prediction = planner.predict(setting, split.world_size, zero_from(launch), device)
     return RunPlan(prediction, (), None, resident, private)
 

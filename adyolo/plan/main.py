@@ -15,7 +15,7 @@ from adyolo.config import RunConfig
 from adyolo.engine.accelerator import DS_CONFIGS, read_deepspeed_config
 from adyolo.engine.batching import BatchSplitError
 from adyolo.plan.cost import step_memory
-from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Prediction, Setting
+from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Prediction, Setting, model_blocks
 from adyolo.plan.report import curve_table, plot, prediction_dict, recommendation_table
 from adyolo.plan.terms import GIB, GpuAssumptions, ZeroSettings
 
@@ -84,10 +84,14 @@ def zero_settings(zero: str) -> ZeroSettings:
 
 
 def make_plan(cfg: RunConfig, request: PlanRequest) -> Plan:
-    """Trace what is not cached (in parallel, one process per core), then predict and recommend."""
+    """Trace what is not cached (in parallel, one process per core), then predict and recommend.
+
+    The variants are the GD detector's; a config with `model.neck: yolov5face` (no fusion to vary) is
+    planned as its one variant, `yolov5face`."""
+    variants = {"yolov5face": {}} if cfg.model.neck == "yolov5face" else {n: VARIANTS[n] for n in request.variants}
     planners = {
         name: Planner(
-            dataclasses.replace(cfg.model, **VARIANTS[name]),
+            dataclasses.replace(cfg.model, **changes),
             cfg.loss,
             cfg.optim,
             cfg.train,
@@ -96,7 +100,7 @@ def make_plan(cfg: RunConfig, request: PlanRequest) -> Plan:
             request.gpu,
             cpu_process_bytes=request.cpu_process_gib * GIB if request.device == "cpu" else 0.0,
         )
-        for name in request.variants
+        for name, changes in variants.items()
     }
     _trace_in_parallel(planners)
     zero = zero_settings(request.zero)
@@ -146,7 +150,14 @@ def _trace_in_parallel(planners: dict[str, Planner]) -> None:
     """Fill the trace cache for every variant and checkpointing, one process per core (tracing is
     single-threaded Python); then each planner reads the cache."""
     jobs = [
-        (dataclasses.replace(p.model, checkpoint=list(blocks)), p.loss, p.optim, p.train, p.precision, p.cache_dir)
+        (
+            dataclasses.replace(p.model, checkpoint=list(model_blocks(blocks, p.model))),
+            p.loss,
+            p.optim,
+            p.train,
+            p.precision,
+            p.cache_dir,
+        )
         for p in planners.values()
         for blocks in CHECKPOINT_LADDER.values()
     ]

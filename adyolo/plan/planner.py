@@ -21,6 +21,7 @@ from adyolo.engine.batching import micro_batch_candidates, split_global_batch
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.loss.config import LossConfig
 from adyolo.model import ModelConfig
+from adyolo.model.config import CHECKPOINTABLE_BLOCKS_BY_NECK
 from adyolo.plan.cost import StepMemory, step_memory
 from adyolo.plan.terms import (
     GIB,
@@ -33,11 +34,13 @@ from adyolo.plan.terms import (
 )
 
 # The recompute ladder, least first. "selected" checkpoints the blocks with the most activation memory
-# for their compute: the stride-4 stem, stage and top-down injection, and the low plug point's fusion
-# (the full variant's 80x80 self-attention at 640 px).
+# for their compute: the stride-4 stem and stage, and for the GD neck its stride-4 top-down injection and
+# the low plug point's fusion (the full variant's 80x80 self-attention at 640 px); for the yolov5face neck
+# (no stride-4 level) its finest stage, the stride-8 top-down C3. A model takes the names its neck has
+# (`ladder_blocks`).
 CHECKPOINT_LADDER: dict[str, tuple[str, ...]] = {
     "off": (),
-    "selected": ("backbone.stem", "backbone.stage1", "neck.low_fusion", "neck.inject_p2"),
+    "selected": ("backbone.stem", "backbone.stage1", "neck.low_fusion", "neck.inject_p2", "neck.top_down_p3"),
     "all": ("all",),
 }
 
@@ -55,16 +58,40 @@ class Setting:
 
     @property
     def blocks(self) -> tuple[str, ...]:
-        """The checkpointed blocks, as `model.checkpoint` takes them."""
+        """The checkpointed blocks of any model (a ladder step lists both necks' names); `blocks_for` gives
+        what one model's `model.checkpoint` takes."""
         if self.checkpoint in CHECKPOINT_LADDER:
             return CHECKPOINT_LADDER[self.checkpoint]
         return tuple(self.checkpoint.split("+"))
 
+    def blocks_for(self, model: ModelConfig) -> tuple[str, ...]:
+        """The checkpointed blocks as `model.checkpoint` takes them for this model's neck."""
+        return model_blocks(self.blocks, model)
 
-def checkpoint_name(blocks) -> str:
-    """`model.checkpoint` as a Setting's name: its CHECKPOINT_LADDER key, or the blocks joined with "+"."""
+
+def model_blocks(blocks, model: ModelConfig) -> tuple[str, ...]:
+    """`blocks` (block names or "all") less the names this model's neck does not have."""
+    return _valid_only(blocks, model.checkpointable_blocks)
+
+
+def _valid_only(blocks, valid) -> tuple[str, ...]:
+    return tuple(b for b in blocks if b == "all" or b in valid)
+
+
+def ladder_blocks(checkpoint: str, model: ModelConfig) -> tuple[str, ...]:
+    """A CHECKPOINT_LADDER step's blocks as this model's `model.checkpoint` takes them."""
+    return model_blocks(CHECKPOINT_LADDER[checkpoint], model)
+
+
+def checkpoint_name(blocks, model: ModelConfig | None = None) -> str:
+    """`model.checkpoint` as a Setting's name: its CHECKPOINT_LADDER key (that step's blocks for `model`'s
+    neck; without `model`, for either neck), or the blocks joined with "+"."""
     blocks = tuple(blocks)
-    return next((name for name, ladder in CHECKPOINT_LADDER.items() if ladder == blocks), "+".join(blocks))
+    necks = [model.checkpointable_blocks] if model is not None else list(CHECKPOINTABLE_BLOCKS_BY_NECK.values())
+    for name, ladder in CHECKPOINT_LADDER.items():
+        if ladder == blocks or any(_valid_only(ladder, valid) == blocks for valid in necks):
+            return name
+    return "+".join(blocks)
 
 
 @dataclass
@@ -101,7 +128,8 @@ class Planner:
 
     def step_memory(self, blocks: tuple[str, ...]) -> StepMemory:
         if blocks not in self._memory:
-            model = dataclasses.replace(self.model, checkpoint=list(blocks))
+            # A ladder step names both necks' blocks: the model takes its own.
+            model = dataclasses.replace(self.model, checkpoint=list(model_blocks(blocks, self.model)))
             self._memory[blocks] = step_memory(model, self.loss, self.optim, self.train, self.precision, self.cache_dir)
         return self._memory[blocks]
 
@@ -128,7 +156,7 @@ class Planner:
     def attention_q_elements(self, micro_batch: int) -> int:
         """Elements of q over the model's fused attentions (the low plug point's self-attention;
         the high point's 10x10 attention is negligible): B x channels x tokens."""
-        if self.model.fusion != "full" or self.model.attention != "sdpa":
+        if not self.model.uses_attention or self.model.attention != "sdpa":
             return 0
         tokens = (self.model.img_size // self.model.low_stride) ** 2
         return micro_batch * self.model.low_channels * tokens * self.model.low_fusion_blocks

@@ -25,7 +25,7 @@ from adyolo.engine.accelerator import DS_CONFIGS
 from adyolo.engine.setup import bare_step
 from adyolo.model import ModelConfig
 from adyolo.plan.main import zero_settings
-from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Setting, checkpoint_name
+from adyolo.plan.planner import Planner, Setting, checkpoint_name, ladder_blocks
 from adyolo.plan.terms import ZeroSettings
 from adyolo.plan.trace import trace_step
 
@@ -52,7 +52,7 @@ def check_one_process(
     """Rows of predicted and measured peak bytes of one process's real steps."""
     cfg = RunConfig(model=ModelConfig(size="n", fusion=fusion, attention=attention, img_size=img))
     planner = Planner(cfg.model, cfg.loss, cfg.optim, cfg.train, precision, cache_dir=cache_dir)
-    model = dataclasses.replace(cfg.model, checkpoint=list(CHECKPOINT_LADDER[checkpoint]))
+    model = dataclasses.replace(cfg.model, checkpoint=list(ladder_blocks(checkpoint, cfg.model)))
     rows = []
     for micro in micro_batches:
         predicted = planner.predict(Setting(micro, 1, checkpoint), 1, ZeroSettings(0), device="cpu").allocated
@@ -91,7 +91,7 @@ def check_gpu(model: ModelConfig, micro_batch: int, precision: str, cache_dir: P
     cfg = RunConfig(model=model)
     device = torch.device("cuda")
     planner = Planner(model, cfg.loss, cfg.optim, cfg.train, precision, cache_dir=cache_dir)
-    predicted = planner.predict(Setting(micro_batch, 1, checkpoint_name(model.checkpoint)), 1, ZeroSettings(0))
+    predicted = planner.predict(Setting(micro_batch, 1, checkpoint_name(model.checkpoint, model)), 1, ZeroSettings(0))
     dtype = torch.bfloat16 if precision == "bf16" else None
     step = bare_step(model, cfg.loss, cfg.optim, cfg.train, device, dtype)
     batches = itertools.repeat(synthetic_batch(micro_batch, model.img_size, device))

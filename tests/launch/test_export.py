@@ -84,6 +84,19 @@ def test_raw_maps_export(trained_run, tmp_path, capsys):
     assert shapes == [(1, 3, 96 // s, 96 // s, 16) for s in (4, 8, 16, 32)]
 
 
+def test_yolov5face_baseline_exports_its_three_raw_maps_with_dynamic_shapes(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="n", neck="yolov5face", img_size=64)).eval()
+    report = export_onnx(model, tmp_path / "yolov5face.onnx", 64, dynamic=True, decode=False)
+    assert report.output_names == ["p3", "p4", "p5"]
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["p3", "p4", "p5"]
+    shapes = [o.shape for o in session.run(None, {"images": np.zeros((2, 3, 96, 64), np.float32)})]
+    assert shapes == [(2, 3, 96 // s, 64 // s, 16) for s in (8, 16, 32)]
+    results = check_onnx(model, report.path, check_inputs(1, 64, 64, dynamic=True), decode=False)
+    assert all(r.passed for r in results), "\n".join(map(str, results))
+
+
 @pytest.mark.parametrize(
     ("make_request", "message"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adyolo.data.dataset import FaceDataset, build_loader, list_images
@@ -9,6 +10,7 @@ from adyolo.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
 from adyolo.loss.config import LossConfig
 from adyolo.loss.criterion import DetectionLoss
 from adyolo.model import build_model
+from adyolo.schema import ConfigError
 
 
 def make(num_classes=1, size=128, **model):
@@ -35,7 +37,7 @@ def test_finite_with_no_faces_and_only_objectness_learns():
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
-def test_every_term_reaches_all_four_heads():
+def test_every_term_reaches_all_four_heads():  # the GD detector
     net, loss_fn = make(size=256)
     losses = loss_fn(net(torch.rand(2, 3, 256, 256)), faces_at_every_level())
     assert all(losses[k] > 0 for k in ("box", "obj", "landmark"))
@@ -100,3 +102,36 @@ def test_a_collapsed_box_prediction_gives_finite_gradients():
     losses["total"].backward()
     assert torch.isfinite(losses["total"]) and losses["box"] > 0
     assert all(torch.isfinite(r.grad).all() for r in raw)
+
+
+def test_three_level_yolov5face_model_every_term_reaches_every_head():
+    net, loss_fn = make(size=256, neck="yolov5face")
+    assert loss_fn.balance == [4.0, 1.0, 0.4]  # YOLOv5's weights for its 3-level (P3-P5) models
+    raw = net(torch.rand(2, 3, 256, 256))
+    assert len(raw) == 3
+    losses = loss_fn(raw, faces_at_every_level())
+    assert all(losses[k] > 0 for k in ("box", "obj", "landmark")) and torch.isfinite(losses["total"])
+    losses["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    net.zero_grad()
+    parts = DetectionLoss(LossConfig(obj=0.0), net.head.anchors, net.head.strides, 1)(
+        net(torch.rand(2, 3, 256, 256)), faces_at_every_level()
+    )
+    parts["total"].backward()
+    for level, conv in enumerate(net.head.convs):
+        grad = conv.weight.grad.view(3, 16, -1)
+        assert grad[:, :4].abs().sum() > 0, f"no box gradient at level {level}"
+        assert grad[:, 5:15].abs().sum() > 0, f"no landmark gradient at level {level}"
+
+
+def test_balance_defaults_per_level_count_and_a_given_one_must_match():
+    net, loss_fn = make()
+    # The 4-level default is the one the default training run's results were obtained with.
+    assert LossConfig().balance is None and loss_fn.balance == [4.0, 1.0, 0.25, 0.06]
+    raw, targets = net(torch.rand(2, 3, 128, 128)), faces_at_every_level()
+    given = DetectionLoss(LossConfig(balance=[4.0, 1.0, 0.25, 0.06]), net.head.anchors, net.head.strides, 1)
+    assert torch.equal(given(raw, targets)["total"], loss_fn(raw, targets)["total"])
+    with pytest.raises(ConfigError, match=r"^loss.balance: \[4.0, 1.0, 0.4\] has 3 weights, the model has 4 detection"):
+        DetectionLoss(LossConfig(balance=[4.0, 1.0, 0.4]), net.head.anchors, net.head.strides, 1)
+    with pytest.raises(ConfigError, match=r"^balance: \[1.0, 2.0\]: expected 3 or 4 positive weights"):
+        LossConfig(balance=[1.0, 2.0])

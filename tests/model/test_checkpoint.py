@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from adyolo.model import build_model
 from adyolo.model.checkpoint import checkpointed_blocks
-from adyolo.model.config import CHECKPOINTABLE_BLOCKS
+from adyolo.model.config import CHECKPOINTABLE_BLOCKS, CHECKPOINTABLE_BLOCKS_BY_NECK
 
 
 def _saved_activation_bytes(model, images) -> int:
@@ -30,13 +30,16 @@ def _batchnorms(model):
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
-@pytest.mark.parametrize("fusion", ["full", "efficient"])
-def test_checkpointing_changes_nothing_but_memory(fusion):
+@pytest.mark.parametrize(
+    "variant", [{"fusion": "full"}, {"fusion": "efficient"}, {"neck": "yolov5face"}], ids=lambda v: str(*v.values())
+)
+def test_checkpointing_changes_nothing_but_memory(variant):
     torch.manual_seed(0)
-    plain = build_model({"size": "n", "fusion": fusion})
-    ckpt = build_model({"size": "n", "fusion": fusion, "checkpoint": ["all"]})
+    plain = build_model({"size": "n", **variant})
+    ckpt = build_model({"size": "n", **variant, "checkpoint": ["all"]})
     ckpt.load_state_dict(plain.state_dict())
-    assert checkpointed_blocks(ckpt) == list(CHECKPOINTABLE_BLOCKS) and not checkpointed_blocks(plain)
+    assert checkpointed_blocks(ckpt) == list(ckpt.cfg.checkpointable_blocks) and not checkpointed_blocks(plain)
+    assert ckpt.cfg.checkpointable_blocks == CHECKPOINTABLE_BLOCKS_BY_NECK[ckpt.cfg.neck]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, ckpt)]
     images = torch.randn(2, 3, 128, 128)
     for step in range(1, 3):
@@ -59,16 +62,19 @@ def test_checkpointing_changes_nothing_but_memory(fusion):
             torch.testing.assert_close(bn_ckpt.running_var, bn_plain.running_var)
 
 
-def test_every_checkpointable_block_is_recomputed():
+@pytest.mark.parametrize("neck", ["gd", "yolov5face"])
+def test_every_checkpointable_block_is_recomputed(neck):
     torch.manual_seed(0)
-    plain = build_model({"size": "n"})
+    plain = build_model({"size": "n", "neck": neck})
     images = torch.randn(2, 3, 128, 128)
     baseline = _saved_activation_bytes(plain, images)
-    for name in CHECKPOINTABLE_BLOCKS:
+    names = CHECKPOINTABLE_BLOCKS_BY_NECK[neck]
+    assert neck != "gd" or names == CHECKPOINTABLE_BLOCKS
+    for name in names:
         model = copy.deepcopy(plain)
         model.get_submodule(name).activation_checkpointing = True
         assert _saved_activation_bytes(model, images) < baseline, f"{name} is not run through run_block"
-    everything = build_model({"size": "n", "checkpoint": ["all"]})
+    everything = build_model({"size": "n", "neck": neck, "checkpoint": ["all"]})
     assert _saved_activation_bytes(everything, images) < 0.25 * baseline
 
 

@@ -10,7 +10,7 @@ from adyolo.engine.accelerator import DeepSpeedSettings, LaunchSettings
 from adyolo.engine.batching import BatchSplitError
 from adyolo.plan import auto
 from adyolo.plan.cost import Line, StepMemory
-from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Setting
+from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Setting, checkpoint_name, ladder_blocks
 from adyolo.plan.terms import GIB, ZeroSettings, data_parallel_bytes
 from adyolo.schema import ConfigError
 
@@ -94,3 +94,18 @@ def test_a_run_without_auto_plans_only_on_the_main_process_for_its_log():
     same, plan = auto.plan_run(cfg, launch, main_process=True)
     assert same is cfg and plan.prediction.setting == Setting(4, 1, "off") and plan.prediction.zero == "zero2"
     assert plan.summary().startswith("memory plan: micro 4 x accum 1, ckpt off; predicted peak RSS per rank ")
+
+
+def test_the_ladder_takes_the_blocks_of_the_model_neck():
+    gd, yolo = load_run_config().model, load_run_config(None, ["model.neck=yolov5face"]).model
+    gd_selected = ("backbone.stem", "backbone.stage1", "neck.low_fusion", "neck.inject_p2")
+    assert ladder_blocks("selected", gd) == Setting(1, 1, "selected").blocks_for(gd) == gd_selected
+    assert ladder_blocks("selected", yolo) == ("backbone.stem", "backbone.stage1", "neck.top_down_p3")
+    assert ladder_blocks("all", yolo) == ("all",) and ladder_blocks("off", yolo) == ()
+    for model in (gd, yolo):
+        assert checkpoint_name(ladder_blocks("selected", model), model) == "selected"
+    assert checkpoint_name(gd_selected) == "selected"  # without a model: either neck's step
+    assert checkpoint_name(["backbone.stem"], yolo) == "backbone.stem"
+    # The baseline has no self-attention: no attention-kernel term.
+    cfg = load_run_config(None, ["model.neck=yolov5face"])
+    assert Planner(cfg.model, cfg.loss, cfg.optim, cfg.train).attention_q_elements(8) == 0
