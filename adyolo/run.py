@@ -12,18 +12,23 @@ beside the measured peaks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
+import psutil
+import torch
 import yaml
 
 from adyolo.config import RunConfig
 from adyolo.data.dataset import build_datasets, build_loader, check_datasets
-from adyolo.engine.accelerator import build_accelerator, launch_settings, rank_placement
+from adyolo.engine.accelerator import build_accelerator, launch_settings, rank_placement, resolve_channels_last
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
 from adyolo.engine.noise import quiet_known_noise
+from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.report import RunReport
 from adyolo.engine.setup import prepare_training, seeded_model
@@ -44,9 +49,12 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     `BatchSplitError` or `InputError` (the same on every rank) before any process group or output exists."""
     # The memory plan resolves `auto` settings before the Accelerator fixes the gradient accumulation;
     # on a GPU a real probe step confirms a planned micro-batch.
+    # The setup phase of the run's time breakdown counts from the process's start (imports included).
+    started = time.monotonic() - max(time.time() - psutil.Process().create_time(), 0.0)
     main_process = int(os.environ.get("RANK", "0")) == 0
     quiet_known_noise(main_process)
     settings = launch_settings(cfg.train)
+    cfg = dataclasses.replace(cfg, train=resolve_channels_last(cfg.train, settings.precision))
 
     # What can be checked without a process group is, on every rank alike and before anything costly:
     # the output folder, the checkpoint to resume, the user's data (read here once: every label file).
@@ -75,7 +83,8 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
             clear_previous_run(cfg.output_dir)
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         print(yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None), end="")
-    accelerator.print(f"{split}; {precision}; {distribution(accelerator, zero_stage)}")
+    accelerator.print(f"{split}; {precision_text(cfg.train, precision)}; {distribution(accelerator, zero_stage)}")
+    phases = PhaseTimes(accelerator.device, cfg.log.phase_times, started)
 
     # Data: the main process generates the synthetic default (if needed) before the others read it.
     if datasets is None:
@@ -102,6 +111,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
         cfg.epochs,
         train_loader=train_loader,
         val_loader=val_loader,
+        phases=phases,
     )
     state = TrainingState()
     accelerator.register_for_checkpointing(state, prepared.step.ema)
@@ -159,7 +169,9 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
         description,
     )
 
-    parts = TrainerParts(accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker, report)
+    parts = TrainerParts(
+        accelerator, prepared.step, prepared.train_loader, prepared.val_loader, state, tracker, report, phases
+    )
     record = {
         "config": config_dict,
         "world_size": split.world_size,
@@ -184,6 +196,14 @@ def data_params(train_set, val_set) -> dict[str, int]:
     return params
 
 
+def precision_text(train, precision: str) -> str:
+    """The precision and memory format, and why where `auto` chose: "bf16 autocast (auto: ...), channels_last"."""
+    text = "bf16 autocast" if precision == "bf16" else "fp32"
+    if train.precision == "auto" and precision == "bf16" and not torch.cuda.is_available():
+        text += " (auto: this CPU has native bf16, AVX512-BF16/AMX; train.precision=fp32 for fp32)"
+    return text + (", channels_last" if train.channels_last is True else "")
+
+
 def distribution(accelerator, zero_stage: int) -> str:
     """How the ranks share the work, in words: "one process (cpu)", "DDP over 8 processes (cuda)", ..."""
     device = accelerator.device.type
@@ -195,8 +215,9 @@ def distribution(accelerator, zero_stage: int) -> str:
 
 
 def run_name(cfg: RunConfig, world_size: int, device_type: str, zero_stage: int) -> str:
-    """What ran, as the MLflow run's name: e.g. `efficient-n-256px-1cpu`, `full-sdpa-s-640px-16gpu-zero2`."""
-    fusion = f"full-{cfg.model.attention}" if cfg.model.fusion == "full" else cfg.model.fusion
+    """What ran, as the MLflow run's name: e.g. `efficient-n-256px-1cpu`, `full-sdpa-s-640px-16gpu-zero2`,
+    `yolov5face-s-640px-1gpu` (the baseline)."""
+    fusion = cfg.model.variant.replace("/", "-")
     processes = f"{world_size}{'gpu' if device_type == 'cuda' else 'cpu'}"
     scheme = f"-zero{zero_stage}" if zero_stage else ("-ddp" if world_size > 1 else "")
     return f"{fusion}-{cfg.model.size}-{cfg.model.img_size}px-{processes}{scheme}"
@@ -207,8 +228,12 @@ def describe(cfg: RunConfig, split, precision: str, distribution_text: str, summ
     data = cfg.data.train or f"synthetic ({cfg.data.synthetic.num_train} train / {cfg.data.synthetic.num_val} val)"
     return "\n".join(
         [
-            f"**ADYOLOv5-Face** size {cfg.model.size}, fusion {cfg.model.fusion}"
-            + (f" ({cfg.model.attention} attention)" if cfg.model.fusion == "full" else "")
+            (
+                f"**YOLOv5-Face** (baseline: `model.neck=yolov5face`, PAN neck, 3 levels) size {cfg.model.size}"
+                if cfg.model.neck == "yolov5face"
+                else f"**ADYOLOv5-Face** size {cfg.model.size}, fusion {cfg.model.fusion}"
+                + (f" ({cfg.model.attention} attention)" if cfg.model.fusion == "full" else "")
+            )
             + f", {cfg.model.img_size} px, {summary.parameters / 1e6:.2f} M parameters, {summary.gflops:.1f} GFLOPs",
             f"- {cfg.epochs} epochs; {split}; {precision}; {distribution_text}",
             f"- data: {data}; best.pt chosen by {cfg.train.fitness}",

@@ -3,6 +3,7 @@ decides how the run is distributed; everything is checked before a process group
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -86,8 +87,23 @@ def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path:
             )
         return json_precision
     if train.precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        return "bf16" if torch.cuda.is_available() or cpu_has_bf16() else "fp32"
     return train.precision
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast is faster
+    than fp32; elsewhere PyTorch emulates it and it is slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_channels_last(train: TrainConfig, precision: str) -> TrainConfig:
+    """`train` with `channels_last: auto` decided: on for bf16 on a CPU, off otherwise. Measured on a 2-core
+    AMX CPU (size n, 256 px, batch 16): bf16 1.27x faster in channels_last, fp32 0.90x."""
+    if train.channels_last != "auto":
+        return train
+    on = precision == "bf16" and not torch.cuda.is_available()
+    return dataclasses.replace(train, channels_last=on)
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
         {"params": no_decay, "weight_decay": 0.0},
         {"params": bias, "weight_decay": 0.0},
     ]
+    # The fused implementations update every tensor of a group in one kernel (CPU and CUDA): on a 2-core
+    # CPU, AdamW over the size-n detector's 344 tensors took 10.9 ms fused against 40 ms one tensor at a
+    # time (one thread; 19 vs 181 ms with two threads sharing the cores with the loader's workers).
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, ADAMW_BETA2))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, ADAMW_BETA2), fused=True)
 
 
 class Schedule:

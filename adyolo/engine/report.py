@@ -131,9 +131,12 @@ class RunReport:
         return self._time_before + time.monotonic() - self._start
 
     # ------------------------------------------------------------------------------------------
-    def finish(self, best_epoch: int, best_fitness: float, weights: Mapping[str, Path]) -> str:
+    def finish(
+        self, best_epoch: int, best_fitness: float, weights: Mapping[str, Path], times: str | None = None
+    ) -> str:
         """Log the weights, the best and last pictures and the per-rank memory plot; set the run's
-        description; return the end-of-run summary for the terminal."""
+        description; return the end-of-run summary for the terminal (with `times`, this job's time per
+        phase, under the first line)."""
         for path in weights.values():
             if path.exists():
                 self.tracker.log_artifact(path, "weights")
@@ -148,6 +151,8 @@ class RunReport:
             self.tracker.log_artifacts(self.pictures(self.last_evaluated[0]), "last")
         peaks = self._memory_by_rank()
         lines = [f"trained in {_duration(self.elapsed_s())}: {self.rows[-1]['epoch'] if self.rows else 0} epochs"]
+        if times:
+            lines.append(times)
         if best_row is not None:
             lines.append(f"best  epoch {best_epoch:>3}: {_metrics_text(best_row)}  -> {weights['best']}")
         elif weights["best"].exists():  # resumed from a checkpoint that did not record the epoch

@@ -16,6 +16,7 @@ from adyolo.engine.batching import BatchSplit
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA, zero3_gather
 from adyolo.engine.optim import Schedule, build_optimizer
+from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.step import TrainStep
 from adyolo.loss.config import LossConfig
 from adyolo.loss.criterion import DetectionLoss
@@ -33,7 +34,7 @@ def configure_model(model: nn.Module, train: TrainConfig) -> nn.Module:
     dict keys, the EMA and checkpoints stay as they are)."""
     if train.sync_batchnorm and torch.cuda.is_available():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if train.channels_last:
+    if train.channels_last is True:  # "auto" is resolved by the run (resolve_channels_last)
         model = model.to(memory_format=torch.channels_last)
     if train.compile:
         model.compile()
@@ -60,12 +61,13 @@ def prepare_training(
     train_loader: DataLoader | None = None,
     val_loader: DataLoader | None = None,
     steps_per_epoch: int | None = None,
+    phases: PhaseTimes | None = None,
 ) -> PreparedTraining:
     """Wrap `model` (freshly built from `model_cfg`, identical on every rank), build its loss and
     optimizer, let the accelerator prepare them with the loaders, start the EMA from its weights.
 
     The learning-rate schedule spans `epochs` of the prepared training loader's optimizer steps (or
-    `steps_per_epoch` of them, without a training loader)."""
+    `steps_per_epoch` of them, without a training loader). `phases`, when given, times the step's parts."""
     model = configure_model(model, train)
     loss_fn = DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes)
     optimizer = build_optimizer(model, optim, split.global_batch)
@@ -81,8 +83,11 @@ def prepare_training(
     set_seed(train.seed, device_specific=True)  # per-rank streams for stochastic depth
 
     gather = {"gather": zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
+    fresh = build_model(model_cfg).to(accelerator.device)
+    if train.channels_last is True:  # evaluated in the memory format the model trains in
+        fresh = fresh.to(memory_format=torch.channels_last)
     ema = ModelEMA(
-        build_model(model_cfg).to(accelerator.device),
+        fresh,
         accelerator.unwrap_model(model),
         train.ema_decay,
         train.ema_ramp,
@@ -97,8 +102,9 @@ def prepare_training(
         Schedule(optim, steps_per_epoch, epochs),
         grad_clip=optim.grad_clip,
         ema=ema,
-        channels_last=train.channels_last,
+        channels_last=train.channels_last is True,
         accelerator=accelerator,
+        phases=phases,
     )
     return PreparedTraining(step, train_loader, val_loader)
 
@@ -124,6 +130,6 @@ def bare_step(
         Schedule(optim, steps_per_epoch=1, epochs=1),
         grad_clip=optim.grad_clip,
         ema=ema,
-        channels_last=train.channels_last,
+        channels_last=train.channels_last is True,
         autocast_dtype=autocast_dtype,
     )

@@ -26,6 +26,7 @@ from torch import nn
 
 from adyolo.engine.ema import ModelEMA
 from adyolo.engine.optim import Schedule
+from adyolo.engine.phases import PhaseTimes
 from adyolo.loss.criterion import DetectionLoss
 
 LOSS_TERMS = ("box", "obj", "cls", "landmark")
@@ -115,6 +116,7 @@ class TrainStep:
         channels_last: bool = False,
         accelerator: Accelerator | None = None,
         autocast_dtype: torch.dtype | None = None,
+        phases: PhaseTimes | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -128,6 +130,7 @@ class TrainStep:
         if accelerator is not None and autocast_dtype is not None:
             raise ValueError("with an Accelerator, mixed precision is the Accelerator's (or DeepSpeed's) to apply")
         self.autocast_dtype = autocast_dtype
+        self.phases = phases if phases is not None else PhaseTimes(enabled=False)
 
     def __call__(self, batch: dict, window: Window, step: int) -> MicroStep:
         """Train on one micro-batch of optimizer step `step` (0-based, for the schedule)."""
@@ -136,7 +139,8 @@ class TrainStep:
             return MicroStep(window_ended=False, nonfinite=nonfinite)
         if window.stepped:
             if self.ema is not None:
-                self.ema.update(self.acc.unwrap_model(self.model))
+                with self.phases("optimizer"):
+                    self.ema.update(self.acc.unwrap_model(self.model))
         elif not self.deepspeed:
             # The window's last micro-batch was skipped: drop the window's gradients. (DeepSpeed keeps
             # them and adds them to the next window's step.)
@@ -165,23 +169,27 @@ class TrainStep:
         with acc.accumulate(self.model):
             # The schedule is written before backward: DeepSpeed steps inside backward.
             window.lr = self.schedule.apply(self.optimizer, step)
-            with self._autocast(images.device):
+            with self.phases("forward"), self._autocast(images.device):
                 raw = self.model(images)
-            losses = self.loss_fn(raw, batch["targets"])  # in fp32, whatever the forward's precision
-            finite = torch.isfinite(losses["total"]).to(images.device, torch.float32)
-            # Every rank must agree on skipping, or the collectives in backward would deadlock.
-            if acc.reduce(finite, reduction="sum").item() < acc.num_processes:
+            with self.phases("loss"):
+                losses = self.loss_fn(raw, batch["targets"])  # in fp32, whatever the forward's precision
+                finite = torch.isfinite(losses["total"]).to(images.device, torch.float32)
+                # Every rank must agree on skipping, or the collectives in backward would deadlock.
+                all_finite = acc.reduce(finite, reduction="sum").item() == acc.num_processes
+            if not all_finite:
                 window.nonfinite = True
                 return True
-            acc.backward(losses["total"])
+            with self.phases("backward"):
+                acc.backward(losses["total"])
             nonfinite = False
             if acc.sync_gradients:
                 window.stepped = True  # DeepSpeed stepped inside backward; otherwise step now
                 if not self.deepspeed:
-                    norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
-                    if torch.isfinite(norm):  # never step into NaN weights
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with self.phases("optimizer"):
+                        norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+                        if torch.isfinite(norm):  # never step into NaN weights
+                            self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                     if not torch.isfinite(norm):  # a finite loss can still overflow in backward
                         window.stepped = False  # the norm is the same on every rank: all skip
                         window.nonfinite = nonfinite = True

@@ -24,6 +24,7 @@ from adyolo.engine.accelerator import any_rank
 from adyolo.engine.checkpoint import TrainingState, latest_folder, roll_back_latest, save_resumable, write_failure
 from adyolo.engine.config import LogConfig, TrainConfig
 from adyolo.engine.memory import fullest_rank_gib, per_rank_metrics, reset_peaks, snapshot
+from adyolo.engine.phases import PhaseTimes, format_breakdown
 from adyolo.engine.report import RunReport
 from adyolo.engine.step import TrainStep, Window
 from adyolo.eval.evaluator import predict, score
@@ -43,6 +44,7 @@ class TrainerParts:
     state: TrainingState
     tracker: Tracker
     report: RunReport
+    phases: PhaseTimes  # where the wall time goes; the step times its own parts with the same object
 
 
 class Trainer:
@@ -63,6 +65,7 @@ class Trainer:
         self.parts = parts
         self.acc = parts.accelerator
         self.step = parts.step
+        self.phases = parts.phases
         self.train = train
         self.log = log
         self.epochs = epochs
@@ -96,6 +99,7 @@ class Trainer:
 
     def _fit(self) -> int:
         state, epochs = self.parts.state, self.epochs
+        self.phases.end_setup()
         try:
             while state.epoch < epochs:
                 self._train_epoch()
@@ -104,10 +108,13 @@ class Trainer:
                 stop = self._evaluate() if evaluate else False
                 state.epoch += 1
                 state.batches_in_epoch = 0
-                self._save_checkpoint()
-                self._save_weights("last.pt")
+                with self.phases("checkpoint"):
+                    self._save_checkpoint()
+                    self._save_weights("last.pt")
                 if self.acc.is_main_process:
-                    self.parts.report.epoch_end(state.epoch, state.step, self._epoch_peak_gib or float("nan"))
+                    with self.phases("logging"):
+                        self.parts.report.epoch_end(state.epoch, state.step, self._epoch_peak_gib or float("nan"))
+                        self._log_times(state.epoch)
                 self._epoch_peak_gib = 0.0
                 if stop:
                     self.acc.print(
@@ -122,12 +129,31 @@ class Trainer:
             self._log_counters()
             self.parts.tracker.finish("KILLED" if failure.exit_code == EXIT_STOPPED_BY_SIGNAL else "FAILED")
             return failure.exit_code
+        times = self._gather_times()
         if self.acc.is_main_process:
             weights = {"best": self.output_dir / "best.pt", "last": self.output_dir / "last.pt"}
-            summary = self.parts.report.finish(state.best_epoch, state.best_fitness, weights)
+            breakdown = format_breakdown(times[0]) if self.phases.enabled else None
+            summary = self.parts.report.finish(state.best_epoch, state.best_fitness, weights, breakdown)
             print(summary, flush=True)
         self.parts.tracker.finish()
         return 0
+
+    def _log_times(self, epoch: int) -> None:
+        """The main rank's time per phase so far (`time/<phase>_s`), against the epoch."""
+        if self.phases.enabled:
+            self.parts.tracker.log_metrics({f"time/{k}_s": v for k, v in self.phases.breakdown().items()}, step=epoch)
+
+    def _gather_times(self) -> list[dict[str, float]]:
+        """Every rank's time per phase (a collective); with several ranks each is logged as
+        `time/rank<r>/<phase>_s`, the main rank's also as `time/<phase>_s`."""
+        if not self.phases.enabled:
+            return [{}]
+        times = gather_object([self.phases.breakdown()])
+        metrics = {f"time/{k}_s": v for k, v in times[0].items()}
+        if len(times) > 1:
+            metrics.update({f"time/rank{r}/{k}_s": v for r, rank in enumerate(times) for k, v in rank.items()})
+        self.parts.tracker.log_metrics(metrics, step=self.parts.state.epoch)
+        return times
 
     # ------------------------------------------------------------------------------------------
     def _train_epoch(self) -> None:
@@ -148,7 +174,7 @@ class Trainer:
         )
         window = Window()
         with bar:  # closed however the epoch ends, so that a message after it starts on its own line
-            for batch in loader:
+            for batch in self.phases.batches(loader):
                 state.batches_in_epoch += 1
                 micro = self.step(batch, window, state.step)
                 if micro.nonfinite:
@@ -160,20 +186,25 @@ class Trainer:
                         if not window.nonfinite:
                             state.nonfinite_in_a_row = 0
                         self._bad_images |= window.skipped
-                        if acc.is_main_process:
-                            losses = window.mean_losses()
-                            rate = window.images_per_s() * acc.num_processes
-                            self.parts.report.add_step({k: losses[k] for k in self._loss_terms}, window.lr, rate)
-                        self._after_optimizer_step(window, bar)
+                        with self.phases("logging"):
+                            if acc.is_main_process:
+                                losses = window.mean_losses()
+                                rate = window.images_per_s() * acc.num_processes
+                                self.parts.report.add_step({k: losses[k] for k in self._loss_terms}, window.lr, rate)
+                            bar.set_postfix_str(
+                                f"{window.postfix()} | {float(snapshot(self.acc.device)[0]):.2f} GiB peak"
+                            )
+                        self._after_optimizer_step(window)
                     window = Window()
 
-    def _after_optimizer_step(self, window: Window, bar) -> None:
+    def _after_optimizer_step(self, window: Window) -> None:
         state = self.parts.state
-        bar.set_postfix_str(f"{window.postfix()} | {float(snapshot(self.acc.device)[0]):.2f} GiB peak")
         if state.step % self.train.log_interval == 0:
-            self._log_step(window)
+            with self.phases("logging"):
+                self._log_step(window)
         if self.train.save_interval and state.step % self.train.save_interval == 0:
-            self._save_checkpoint()
+            with self.phases("checkpoint"):
+                self._save_checkpoint()
         if self._any_rank_signalled():
             self._stop_for_signal("")
 
@@ -213,21 +244,13 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Evaluate the EMA weights on every rank's shard, keep the best; returns whether to stop early."""
         parts, acc, state = self.parts, self.acc, self.parts.state
-        self._sync_buffers()
-        local = predict(
-            self.step.ema.module,
-            parts.val_loader,
-            acc.device,
-            self.autocast_dtype,
-            progress=acc.is_main_process,
-            stop=self._any_rank_signalled,  # Slurm's grace is short: save now, evaluate after --resume
-        )
+        with self.phases("validation"):
+            local, gathered, scored = self._predict_and_score()
         if local is None:
             self._stop_for_signal(f" during validation (epoch {state.epoch + 1} is evaluated on --resume)")
-        gathered = gather_object(local)
         decision = [False, False]
         if acc.is_main_process:
-            metrics, curves = score(gathered)
+            metrics, curves = scored
             fitness = metrics[self.train.fitness]
             improved = fitness > state.best_fitness
             if improved:
@@ -243,11 +266,30 @@ class Trainer:
                 f"epoch {state.epoch + 1}: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())} "
                 + ("(new best)" if improved else f"({best})")
             )
-            parts.report.evaluation(state.epoch + 1, metrics, improved, gathered, curves)
+            with self.phases("logging"):
+                parts.report.evaluation(state.epoch + 1, metrics, improved, gathered, curves)
         broadcast_object_list(decision)
         if decision[0]:
-            self._save_weights("best.pt")
+            with self.phases("checkpoint"):
+                self._save_weights("best.pt")
         return decision[1]
+
+    def _predict_and_score(self) -> tuple:
+        """(this rank's predictions, everyone's, the main rank's (metrics, curves)); Nones if a signal
+        stopped the prediction."""
+        self._sync_buffers()
+        local = predict(
+            self.step.ema.module,
+            self.parts.val_loader,
+            self.acc.device,
+            self.autocast_dtype,
+            progress=self.acc.is_main_process,
+            stop=self._any_rank_signalled,  # Slurm's grace is short: save now, evaluate after --resume
+        )
+        if local is None:
+            return None, None, None
+        gathered = gather_object(local)
+        return local, gathered, score(gathered) if self.acc.is_main_process else None
 
     def _sync_buffers(self) -> None:
         """BatchNorm statistics drift apart per rank under DeepSpeed; use rank 0's everywhere."""

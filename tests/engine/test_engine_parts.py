@@ -20,6 +20,7 @@ from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
 from adyolo.engine.memory import FIELDS, fullest_rank_gib, per_rank_metrics, snapshot
 from adyolo.engine.optim import BIAS, DECAY, NO_DECAY, Schedule, build_optimizer
+from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.trainer import STOP_SIGNALS, Trainer, TrainerParts
 from adyolo.failures import InputError
@@ -222,7 +223,7 @@ def test_the_trainer_handles_stop_signals_only_while_it_fits(tmp_path):
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     ended = []
     accelerator = types.SimpleNamespace(end_training=lambda: ended.append(True))
-    parts = TrainerParts(accelerator, None, None, None, state=None, tracker=None, report=None)
+    parts = TrainerParts(accelerator, None, None, None, state=None, tracker=None, report=None, phases=PhaseTimes())
     trainer = Trainer(parts, TrainConfig(), LogConfig(), epochs=1, output_dir=tmp_path, record={}, precision="fp32")
     assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
     during = {}

@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 
+from adyolo.engine.phases import PHASES
 from tests.engine.runs import LEARNABLE, ROOT, environment, run, train_command
 
 pytestmark = pytest.mark.distributed
@@ -164,10 +165,22 @@ def test_artifacts_of_the_best_and_the_last_weights_reach_the_ui_from_the_moved_
 def test_the_terminal_ends_with_a_summary_and_without_known_library_noise(trained):
     out, proc = trained
     text = proc.stdout + proc.stderr
-    tail = proc.stdout.strip().splitlines()[-6:]
-    assert tail[0].startswith("trained in") and tail[1].startswith("best  epoch")
-    assert tail[3].startswith("peak rss per rank (GiB): rank0 ") and "rank1" in tail[3]
+    tail = proc.stdout.strip().splitlines()[-7:]
+    assert tail[0].startswith("trained in") and tail[2].startswith("best  epoch")
+    assert tail[1].startswith("time by phase (") and all(f" {p} " in tail[1] for p in PHASES + ("other",))
+    assert tail[4].startswith("peak rss per rank (GiB): rank0 ") and "rank1" in tail[4]
     assert tail[-1].startswith("MLflow:") and "launch/ui.py" in tail[-1]
     for noise in ("untested optimizer", "all_gather_into_tensor", "Creating initial MLflow database", "; NO"):
         assert noise not in text
     assert text.count("epoch 3: ap_easy") == 1  # once, by the main rank
+
+
+def test_time_per_phase_of_every_rank(mlrun):
+    """The breakdown is logged for the main rank (`time/<phase>_s`, at every epoch end) and per rank at the
+    end; the timed phases of a rank add up to at most its wall time."""
+    _, found = mlrun
+    metrics = {m["key"]: m["value"] for m in found["data"]["metrics"]}
+    for rank in ("", "rank0/", "rank1/"):
+        times = {p: metrics[f"time/{rank}{p}_s"] for p in (*PHASES, "other", "wall")}
+        assert all(times[p] > 0 for p in ("setup", "forward", "loss", "backward", "validation", "checkpoint"))
+        assert sum(times[p] for p in PHASES) <= times["wall"] + 1e-6 and times["other"] >= 0
