@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 from adyolo.bench import runner, worker
 from adyolo.bench.grid import GridError, expand_grid, label, overrides, parse_axes
 from adyolo.bench.main import check_rows
-from adyolo.bench.report import target_checks
+from adyolo.bench.report import per_flop_table, target_checks
 from adyolo.config import load_run_config
 from adyolo.model import ModelConfig, build_model
-from adyolo.model.summary import count_parameters, count_training_gflops
+from adyolo.model.summary import count_gflops, count_parameters, count_training_gflops
 from tests.engine.runs import environment
 
 BENCH = Path(__file__).parents[1] / "launch" / "bench.py"
@@ -175,8 +175,16 @@ def test_the_yolov5face_baseline_is_a_row_beside_the_gd_variants():
     model = build_model(cfg.model)
     assert rows[0]["params_m"] == pytest.approx(count_parameters(model) / 1e6)
     assert rows[0]["train_gflops_per_image"] == pytest.approx(count_training_gflops(model, 64))
+    assert rows[0]["gflops_per_image"] == pytest.approx(count_gflops(model, 64))
     gd = next(r for r in rows if r["fusion"] == "efficient")
     assert gd["train_gflops_per_image"] != rows[0]["train_gflops_per_image"]  # one FLOP count per network
+
+    # Speed per FLOP: forward GFLOPs x img/s of each row that ran, relative to the first.
+    rows[0]["images_per_s"], gd["images_per_s"] = 4.0, 1.0
+    table = per_flop_table(rows).splitlines()
+    work = 4.0 * rows[0]["gflops_per_image"], 1.0 * gd["gflops_per_image"]
+    assert len(table) == 4 and table[2].startswith("| yolov5face fp32 ckpt=off ddp b2 |") and "| 1.00x |" in table[2]
+    assert table[3].startswith("| efficient fp32 ckpt=off ddp b2 |") and f"| {work[1] / work[0]:.2f}x |" in table[3]
 
 
 def test_an_out_of_memory_rank_records_the_row_as_oom(tmp_path, monkeypatch):

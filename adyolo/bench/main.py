@@ -20,7 +20,7 @@ from adyolo.bench.runner import run_row
 from adyolo.config import load_run_config
 from adyolo.model import build_model
 from adyolo.model.config import MAX_STRIDE
-from adyolo.model.summary import count_parameters, count_training_gflops
+from adyolo.model.summary import count_gflops, count_parameters, count_training_gflops
 from adyolo.schema import ConfigError
 
 
@@ -126,8 +126,12 @@ def check_rows(rows: list[dict], common: dict) -> dict[int, str]:
         key = (row["fusion"], row["attention"])
         if key not in flops:
             model = build_model(cfg.model)
-            flops[key] = (count_parameters(model) / 1e6, count_training_gflops(model, common["img"]))
-        row["params_m"], row["train_gflops_per_image"] = flops[key]
+            flops[key] = (
+                count_parameters(model) / 1e6,
+                count_training_gflops(model, common["img"]),
+                count_gflops(model, common["img"]),
+            )
+        row["params_m"], row["train_gflops_per_image"], row["gflops_per_image"] = flops[key]
     return invalid
 
 

@@ -62,6 +62,26 @@ def model_table(rows: list[dict], cuda: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_flop_table(rows: list[dict]) -> str:
+    """Useful work per second, as YOLO papers count it: forward GFLOPs per image at the bench size (2 x
+    multiply-adds) x images/s, per distinct model of the rows that ran, and relative to the first."""
+    ran = [r for r in rows if "images_per_s" in r]
+    if not ran:
+        return ""
+    ref = ran[0]["images_per_s"] * ran[0]["gflops_per_image"]
+    lines = [
+        "| configuration | params (M) | GFLOPs (forward) | img/s | img/s x GFLOPs | vs first |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in ran:
+        work = r["images_per_s"] * r["gflops_per_image"]
+        lines.append(
+            f"| {label(r)} | {r['params_m']:.2f} | {r['gflops_per_image']:.1f} | {r['images_per_s']:.2f} | "
+            f"{work:.1f} | {work / ref:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def loader_table(rows: list[dict]) -> str:
     lines = ["| loader workers | images/s |", "|---|---|"]
     return "\n".join(lines + [f"| {r['workers']} | {r['images_per_s']:.0f} |" for r in rows]) + "\n"
@@ -157,6 +177,8 @@ def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
     text = [f"# Benchmark, {meta['date']}", "", meta["setup"], ""]
     if rows:
         text += [model_table(rows, cuda), ""]
+        per_flop = per_flop_table(rows)
+        text += ["Speed per FLOP:", "", per_flop, ""] if per_flop else []
     if loader:
         text += [meta["loader_setup"], "", loader_table(loader), ""]
     if rows:

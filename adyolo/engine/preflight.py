@@ -8,6 +8,8 @@ from pathlib import Path
 
 from adyolo.engine.checkpoint import latest_folder, read_run
 from adyolo.failures import InputError
+from adyolo.model.config import ModelConfig
+from adyolo.schema import ConfigError, from_mapping, to_dict
 
 # What a started run leaves in its output folder; a folder holding any of these holds a run.
 RUN_OUTPUTS = ("checkpoints", "best.pt", "last.pt", "results.csv")
@@ -41,13 +43,22 @@ def clear_previous_run(output_dir: str | Path) -> None:
             path.unlink()
 
 
+def with_defaults(model: dict) -> dict:
+    """A saved model section with the keys added since it was written at their defaults (a checkpoint
+    from before `model.neck` existed is a GD model); as saved if it no longer parses."""
+    try:
+        return to_dict(from_mapping(ModelConfig, model, "model"))
+    except ConfigError:
+        return model
+
+
 def check_resume(folder: Path, config: dict, world_size: int, zero_stage: int) -> dict | None:
     """Whether the checkpoint in `folder` can continue this run; raises `InputError` naming what differs
     and what to do. Returns the checkpoint's `run.json` (None when it has none: nothing to compare)."""
     saved = read_run(folder)
     if saved is None:
         return None
-    before, now = saved["config"]["model"], config["model"]
+    before, now = with_defaults(saved["config"]["model"]), with_defaults(config["model"])
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         diff = ", ".join(f"model.{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)

@@ -24,7 +24,8 @@ from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.trainer import STOP_SIGNALS, Trainer, TrainerParts
 from adyolo.failures import InputError
-from adyolo.model import build_model
+from adyolo.model import ModelConfig, build_model
+from adyolo.schema import to_dict
 from adyolo.tracking import Tracker, flatten
 from adyolo.weights import load_weights, save_weights
 
@@ -139,6 +140,11 @@ def test_a_run_folder_is_not_overwritten_and_a_resume_must_fit(tmp_path):
     other = {**config, "model": {"size": "s", "fusion": "efficient"}}
     with pytest.raises(InputError, match="another model \\(model.size: 'n' -> 's'\\)"):
         check_resume(folder, other, 2, 2)
+    # A checkpoint written before `model.neck` existed is a GD model: it resumes as one.
+    full = {**config, "model": to_dict(ModelConfig(size="n", fusion="efficient"))}
+    assert full["model"]["neck"] == "gd" and check_resume(folder, full, 2, 2) == saved
+    with pytest.raises(InputError, match="model.neck: 'gd' -> 'yolov5face'"):
+        check_resume(folder, {**config, "model": {**config["model"], "neck": "yolov5face"}}, 2, 2)
     with pytest.raises(InputError, match="ZeRO-2 checkpoint holds its optimizer state in 2 shards.*launch 2"):
         check_resume(folder, config, 1, 2)
     with pytest.raises(InputError, match="cannot be resumed without DeepSpeed"):
