@@ -54,7 +54,9 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     main_process = int(os.environ.get("RANK", "0")) == 0
     quiet_known_noise(main_process)
     settings = launch_settings(cfg.train)
-    cfg = dataclasses.replace(cfg, train=resolve_channels_last(cfg.train, settings.precision))
+    cfg = dataclasses.replace(
+        cfg, train=resolve_channels_last(cfg.train, settings.precision, settings.deepspeed is not None)
+    )
 
     # What can be checked without a process group is, on every rank alike and before anything costly:
     # the output folder, the checkpoint to resume, the user's data (read here once: every label file).

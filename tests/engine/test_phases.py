@@ -11,6 +11,7 @@ import torch
 from adyolo.engine.accelerator import resolve_channels_last, resolve_precision
 from adyolo.engine.config import TrainConfig
 from adyolo.engine.phases import PHASES, PhaseTimes, format_breakdown
+from adyolo.schema import ConfigError
 
 
 def test_phases_add_up_within_the_wall_time():
@@ -62,3 +63,7 @@ def test_auto_precision_and_memory_format_on_cpu(monkeypatch, native):
     assert resolve_channels_last(train, precision).channels_last is native
     assert resolve_precision(TrainConfig(precision="fp32"), None, None) == "fp32"
     assert resolve_channels_last(TrainConfig(channels_last=False), "bf16").channels_last is False
+    # DeepSpeed flattens the parameters: auto is off under it, and true is refused before any work.
+    assert resolve_channels_last(train, precision, deepspeed=True).channels_last is False
+    with pytest.raises(ConfigError, match="train.channels_last: true cannot run under DeepSpeed"):
+        resolve_channels_last(TrainConfig(channels_last=True), precision, deepspeed=True)
