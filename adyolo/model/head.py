@@ -61,10 +61,13 @@ class DetectHead(nn.Module):
     def decode(self, raw: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw maps -> [B, sum(3 * H_i * W_i), 15 + num_classes] (`AnchorOutput`) in input pixels.
 
-        Columns: cx, cy, w, h, objectness, 5 x (x, y) landmarks, class scores.
+        Columns: cx, cy, w, h, objectness, 5 x (x, y) landmarks, class scores; float32.
         """
         decoded = []
         for level, pred in enumerate(raw):
+            # In fp32 whatever the forward's precision: in bf16 (8 significant bits) a centre at 200 px
+            # would be rounded to whole pixels, and at 640 px to 4, which small faces cannot afford.
+            pred = pred.float()
             b, a, h, w, n = pred.shape
             stride = self.strides[level]
             anchor = self.anchors[level].view(1, a, 1, 1, 2).to(pred.dtype)

@@ -90,6 +90,19 @@ def test_decode_of_zero_logits_puts_boxes_at_cell_centres_with_anchor_sizes():
     assert box[5:15].tolist() == [col * 4.0, row * 4.0] * 5
 
 
+def test_decode_of_bf16_outputs_keeps_sub_pixel_positions():
+    """The head's maps come out of a bf16 forward in bf16; decoded in bf16, a centre near 200 px would be
+    rounded to whole pixels. Decoding is in fp32: a bf16 map decodes as its fp32 copy does."""
+    head = build_model({"size": "n"}).head
+    torch.manual_seed(0)
+    raw = [torch.randn(1, 3, 64 // 2**i, 64 // 2**i, NUM_OUTPUTS).bfloat16() for i in range(4)]
+    decoded = head.decode(raw)
+    assert decoded.dtype == torch.float32
+    assert torch.equal(decoded, head.decode([r.float() for r in raw]))
+    centres = decoded[0, : 3 * 64 * 64, 0]  # stride 4: up to 256 px
+    assert (centres[centres > 128] % 1 != 0).float().mean() > 0.9  # not whole pixels
+
+
 def test_bias_prior_of_objectness():
     model = build_model({"size": "n"})
     # YOLOv5 prior: log(8 / (640 / stride)^2) added to the objectness logit; conv bias starts near 0.
