@@ -24,7 +24,13 @@ import yaml
 
 from adyolo.config import RunConfig
 from adyolo.data.dataset import build_datasets, build_loader, check_datasets
-from adyolo.engine.accelerator import build_accelerator, launch_settings, rank_placement, resolve_channels_last
+from adyolo.engine.accelerator import (
+    build_accelerator,
+    cpu_has_bf16,
+    launch_settings,
+    rank_placement,
+    resolve_channels_last,
+)
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
 from adyolo.engine.noise import quiet_known_noise
@@ -201,8 +207,8 @@ def data_params(train_set, val_set) -> dict[str, int]:
 def precision_text(train, precision: str) -> str:
     """The precision and memory format, and why where `auto` chose: "bf16 autocast (auto: ...), channels_last"."""
     text = "bf16 autocast" if precision == "bf16" else "fp32"
-    if train.precision == "auto" and precision == "bf16" and not torch.cuda.is_available():
-        text += " (auto: this CPU has native bf16, AVX512-BF16/AMX; train.precision=fp32 for fp32)"
+    if precision == "fp32" and not torch.cuda.is_available() and cpu_has_bf16():
+        text += " (this CPU has native bf16: train.precision=bf16 trains faster)"
     return text + (", channels_last" if train.channels_last is True else "")
 
 

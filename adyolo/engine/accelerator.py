@@ -87,7 +87,9 @@ def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path:
             )
         return json_precision
     if train.precision == "auto":
-        return "bf16" if torch.cuda.is_available() or cpu_has_bf16() else "fp32"
+        # Not bf16 on a CPU even where it is native (`cpu_has_bf16`): faster (1.64x the step of the embedded
+        # default), but the default recipe shortened to 10 or 20 epochs trained worse in it (README).
+        return "bf16" if torch.cuda.is_available() else "fp32"
     return train.precision
 
 

@@ -56,8 +56,8 @@ class TrainConfig:
     rest is held back for what a bare step on one GPU does not allocate (DDP buckets, ZeRO buffers,
     pinned batches, fragmentation)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA and on CPUs with native
-    bf16 arithmetic (AVX512-BF16 or AMX), else fp32; under DeepSpeed the JSON's choice, which an explicit
+    """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA, fp32 on CPU (bf16 on a
+    CPU with native bf16 is faster; README, Measured); under DeepSpeed the JSON's choice, which an explicit
     value must agree with."""
     ema_decay: float = 0.9999
     """Weight EMA decay, ramped up as 1 - exp(-updates / ema_ramp) (YOLOv5)."""

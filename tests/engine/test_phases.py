@@ -54,16 +54,16 @@ def test_disabled_times_nothing():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_and_memory_format_on_cpu(monkeypatch, native):
-    """auto is bf16 (in channels_last) on a CPU with native bf16, fp32 (contiguous) on one without."""
+    """auto is fp32 (contiguous) on a CPU, with native bf16 or without; bf16 asked for runs channels_last."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("adyolo.engine.accelerator.cpu_has_bf16", lambda: native)
     train = TrainConfig()
     precision = resolve_precision(train, None, None)
-    assert precision == ("bf16" if native else "fp32")
-    assert resolve_channels_last(train, precision).channels_last is native
-    assert resolve_precision(TrainConfig(precision="fp32"), None, None) == "fp32"
+    assert precision == "fp32" and resolve_channels_last(train, precision).channels_last is False
+    assert resolve_precision(TrainConfig(precision="bf16"), None, None) == "bf16"
+    assert resolve_channels_last(train, "bf16").channels_last is True
     assert resolve_channels_last(TrainConfig(channels_last=False), "bf16").channels_last is False
     # DeepSpeed flattens the parameters: auto is off under it, and true is refused before any work.
-    assert resolve_channels_last(train, precision, deepspeed=True).channels_last is False
+    assert resolve_channels_last(train, "bf16", deepspeed=True).channels_last is False
     with pytest.raises(ConfigError, match="train.channels_last: true cannot run under DeepSpeed"):
-        resolve_channels_last(TrainConfig(channels_last=True), precision, deepspeed=True)
+        resolve_channels_last(TrainConfig(channels_last=True), "bf16", deepspeed=True)
