@@ -26,7 +26,14 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize("launcher,stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("ddp", 0)])
 def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
     out = tmp_path / launcher
-    overrides = ["epochs=4", "train.precision=bf16", "train.fitness=map50", "log.memory_plan=true", *LEARNABLE]
+    overrides = [
+        "epochs=4",
+        "train.precision=bf16",
+        "train.channels_last=false",
+        "train.fitness=map50",
+        "log.memory_plan=true",
+        *LEARNABLE,
+    ]
     proc = run(train_command(out, synthetic, *overrides, launcher=launcher))
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, mlrun = mlflow_run(out)

@@ -44,6 +44,7 @@ def sbatch(cluster, out: Path, *train_args: str, wait: bool) -> subprocess.Compl
         "tests/configs/tiny.yaml",
         f"data.synthetic_root={out / 'synthetic'}",
         "train.precision=bf16",
+        "train.channels_last=false",
         *train_args,
     ]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
