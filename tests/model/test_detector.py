@@ -125,9 +125,11 @@ def test_channels_last_gives_the_same_outputs_and_gradients():
     assert_tensors_agree([p.grad for p in twin.parameters()], [p.grad for p in model.parameters()], 1e-10)
 
 
-@pytest.mark.parametrize("fusion", ["full", "efficient"])
-def test_bf16_autocast_forward_and_backward(fusion):
-    model = build_model({"size": "n", "fusion": fusion})
+@pytest.mark.parametrize(
+    "network", [{"fusion": "full"}, {"fusion": "efficient"}, {"neck": "yolov5face"}], ids=lambda n: str(*n.values())
+)
+def test_bf16_autocast_forward_and_backward(network):
+    model = build_model({"size": "n", **network})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(torch.randn(2, 3, 128, 128))
         loss = sum(o.float().square().mean() for o in outputs)
