@@ -67,7 +67,10 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert [r["workers"] for r in saved["loader"]] == [0] and saved["loader"][0]["images_per_s"] > 0
 
     report = (out / "bench.md").read_text()
-    assert report.count("| full/sdpa fp32") == 2 and report.count("| efficient fp32") == 2
+    # Every row twice: once in the main table, once in the speed-per-FLOP table.
+    assert report.count("| full/sdpa fp32") == 4 and report.count("| efficient fp32") == 4
+    per_flop = report.split("Speed per FLOP:")[1].split("Targets:")[0]
+    assert per_flop.count("| full/sdpa fp32") == 2 and "| 1.00x |" in per_flop
     assert "| 2 x 2 x 1 |" in report and "1.00x" in report
     assert "loader keeps up" in report and "| loader workers | images/s |" in report
     assert (out / "bench.png").stat().st_size > 10_000
