@@ -1,11 +1,24 @@
-"""Shared test helpers. Tests run on CPU; keep torch to the two cores CI has."""
+"""Shared test helpers. Tests run on CPU, on the two cores CI has, split between pytest-xdist workers."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two workers with two OpenMP threads each would spin against each other on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, 2 // _WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Schedule whole files on one worker (`--dist loadgroup`): module fixtures (a Slurm cluster, an
+    MLflow server, a trained run) are then built once. The files that share the session's trained run
+    (tests/launch) go together for the same reason."""
+    for item in items:
+        group = "trained_run" if "trained_run" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

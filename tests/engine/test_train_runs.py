@@ -88,13 +88,13 @@ def test_resumed_run_matches_the_uninterrupted_one(launcher, synthetic, tmp_path
 
 def test_sigterm_saves_a_resumable_checkpoint(synthetic, tmp_path):
     out = tmp_path / "run"
-    command = train_command(out, synthetic, "epochs=30", *LEARNABLE)
+    command = train_command(out, synthetic, "epochs=8", *LEARNABLE)
     proc = subprocess.Popen(
         command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment(), cwd=ROOT
     )
     deadline = time.time() + 120
     for line in proc.stderr:  # wait until training is under way
-        if "epoch 2/30" in line or time.time() > deadline:
+        if "epoch 2/8" in line or time.time() > deadline:
             break
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[1]
@@ -106,7 +106,7 @@ def test_sigterm_saves_a_resumable_checkpoint(synthetic, tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"step {stopped_at}" in finished.stdout
     client, mlrun = mlflow_run(out)  # the resumed job continued the same MLflow run
-    assert max(history(client, mlrun, "train/loss_total")) == 30 * 4
+    assert max(history(client, mlrun, "train/loss_total")) == 8 * 4
 
 
 def test_bad_config_fails_on_every_rank_before_any_work(synthetic, tmp_path):
