@@ -12,6 +12,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, 2 // _WORKERS))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Schedule whole files on one worker (`--dist loadgroup`): module fixtures (a Slurm cluster, an
     MLflow server, a trained run) are then built once. The files that share the session's trained run

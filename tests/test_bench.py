@@ -43,7 +43,7 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     proc = _bench(
         *("--size", "n", "--img", "64", "--global-batch", "4", "--gpus", "2"),
         *("--fusion", "full,efficient", "--attention", "sdpa", "--checkpoint", "off", "--zero", "0,2"),
-        *("--warmup", "1", "--steps", "2", "--out", str(out)),
+        *("--warmup", "1", "--steps", "2", "--out", str(out), "--profile"),
         *("--loader", "--workers", "0", "--loader-batches", "2", "--data", str(images)),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -61,17 +61,23 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
         assert (r["world_size"], r["micro_batch"], r["accumulation"]) == (2, 2, 1)
         assert len(r["ranks"]) == 2 and all(rank["peak_allocated_gib"] > 0.1 for rank in r["ranks"])
         assert r["images_per_s"] > 0 and r["ms_per_step"] > 0
+        # Every rank's own step time (the row's is the slowest rank's) and its time in gloo collectives,
+        # which DDP and ZeRO-2 both need every step.
+        assert max(rank["ms_per_step"] for rank in r["ranks"]) == pytest.approx(r["ms_per_step"], rel=1e-4)
+        assert all(0 < rank["comm_ms_per_step"] < rank["ms_per_step"] for rank in r["ranks"]), r["ranks"]
     for r in rows:  # the TFLOP/s column rests on the model's own fwd+bwd count at the benchmarked size
         model = build_model(ModelConfig(size="n", fusion=r["fusion"], attention=r["attention"].replace("-", "sdpa")))
         assert r["train_gflops_per_image"] == pytest.approx(count_training_gflops(model, 64))
     assert [r["workers"] for r in saved["loader"]] == [0] and saved["loader"][0]["images_per_s"] > 0
 
     report = (out / "bench.md").read_text()
-    # Every row twice: once in the main table, once in the speed-per-FLOP table.
-    assert report.count("| full/sdpa fp32") == 4 and report.count("| efficient fp32") == 4
-    per_flop = report.split("Speed per FLOP:")[1].split("Targets:")[0]
+    main_table = report.split("Speed per FLOP:")[0]
+    assert main_table.count("| full/sdpa fp32") == 2 and main_table.count("| efficient fp32") == 2
+    per_flop = report.split("Speed per FLOP:")[1].split("Time per rank")[0]
     assert per_flop.count("| full/sdpa fp32") == 2 and "| 1.00x |" in per_flop
     assert "| 2 x 2 x 1 |" in report and "1.00x" in report
+    per_rank = report.split("Time per rank")[1].split("Targets:")[0]
+    assert per_rank.count("| efficient fp32 ckpt=off z2 b4 |") == 2  # one line per rank
     assert "loader keeps up" in report and "| loader workers | images/s |" in report
     assert (out / "bench.png").stat().st_size > 10_000
 
@@ -81,6 +87,7 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     # MLflow holds 6 significant digits.
     assert metrics["efficient fp32 ckpt-off z2 b4/images_per_s"] == pytest.approx(rows[3]["images_per_s"], rel=1e-5)
     assert metrics["full/sdpa fp32 ckpt-off ddp b4/rank1/peak_allocated_gib"] > 0.1
+    assert metrics["full/sdpa fp32 ckpt-off ddp b4/rank1/comm_ms_per_step"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bench.md", "bench.json", "bench.png"} <= artifacts
 

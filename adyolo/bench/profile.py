@@ -1,10 +1,12 @@
 """`launch/bench.py --profile`: where a row's training step spends its time, operator by operator.
 
 After a row's timed steps (so the profiler never slows what is timed), its ranks run `PROFILED_STEPS`
-more optimizer steps under `torch.profiler` on the main process. The row folder gets `trace.json`
+more optimizer steps under `torch.profiler`. The row folder gets the main process's `trace.json`
 (open it in Perfetto, ui.perfetto.dev, or chrome://tracing) and `top_ops.txt` (PyTorch's table);
 the row's result gets the top operators by self time (device time on a GPU, CPU time elsewhere),
-per optimizer step, which bench.md lists and MLflow keeps beside the traces.
+per optimizer step, which bench.md lists and MLflow keeps beside the traces, and every rank's
+communication time per step: how long its collectives took from start to end (NCCL kernels on a GPU,
+gloo's collectives elsewhere), which includes waiting for the slowest rank to join.
 """
 
 from __future__ import annotations
@@ -20,13 +22,10 @@ TOP_OPS = 15
 TRACE_FILE, TABLE_FILE = "trace.json", "top_ops.txt"
 
 
-def profile_steps(run_step: Callable[[int], None], device: torch.device, out: Path, record: bool) -> list[dict]:
-    """Run `PROFILED_STEPS` optimizer steps (`run_step(i)`, on every rank: they share collectives);
-    with `record` (the main process) trace them and return the top operators, else []."""
-    if not record:
-        for i in range(PROFILED_STEPS):
-            run_step(i)
-        return []
+def profile_steps(run_step: Callable[[int], None], device: torch.device, out: Path, record: bool) -> dict:
+    """Run `PROFILED_STEPS` optimizer steps (`run_step(i)`) under the profiler on every rank (they share
+    collectives). Returns {"comm_ms_per_step": ...}; on the main process (`record`) also "top_ops",
+    with its trace and table written to `out`."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -34,11 +33,23 @@ def profile_steps(run_step: Callable[[int], None], device: torch.device, out: Pa
             run_step(i)
         if cuda:
             torch.cuda.synchronize(device)
-    prof.export_chrome_trace(str(out / TRACE_FILE))
     averages = prof.key_averages()
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    (out / TABLE_FILE).write_text(averages.table(sort_by=sort_by, row_limit=40) + "\n")
-    return top_ops(averages, sort_by, PROFILED_STEPS)
+    result = {"comm_ms_per_step": communication_ms(averages, cuda) / PROFILED_STEPS}
+    if record:
+        prof.export_chrome_trace(str(out / TRACE_FILE))
+        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        (out / TABLE_FILE).write_text(averages.table(sort_by=sort_by, row_limit=40) + "\n")
+        result["top_ops"] = top_ops(averages, sort_by, PROFILED_STEPS)
+    return result
+
+
+def communication_ms(averages, cuda: bool) -> float:
+    """Milliseconds spent in collectives. gloo runs each on its own thread, recorded as one "gloo:<op>"
+    event from start to completion (no self time of its own); NCCL as device kernels "nccl...".
+    Single-process rows have none: 0."""
+    if cuda:
+        return sum(e.self_device_time_total for e in averages if e.key.startswith("nccl")) / 1e3
+    return sum(e.cpu_time_total for e in averages if e.key.startswith("gloo:")) / 1e3
 
 
 def top_ops(averages, attribute: str, steps: int, limit: int = TOP_OPS) -> list[dict]:

@@ -82,6 +82,20 @@ def per_flop_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rank_table(rows: list[dict]) -> str:
+    """Rows of several ranks: each rank's median step and (with `--profile`) its time in collectives."""
+    multi = [r for r in rows if "images_per_s" in r and r["world_size"] > 1]
+    if not multi:
+        return ""
+    lines = ["| configuration | rank | ms/step | collectives ms/step | collectives share |", "|---|---|---|---|---|"]
+    for r in multi:
+        for rank, x in enumerate(r["ranks"]):
+            comm = x.get("comm_ms_per_step")
+            shown = (f"{comm:.0f}", f"{100 * comm / x['ms_per_step']:.0f}%") if comm is not None else ("-", "-")
+            lines.append(f"| {label(r)} | {rank} | {x['ms_per_step']:.0f} | {shown[0]} | {shown[1]} |")
+    return "\n".join(lines)
+
+
 def loader_table(rows: list[dict]) -> str:
     lines = ["| loader workers | images/s |", "|---|---|"]
     return "\n".join(lines + [f"| {r['workers']} | {r['images_per_s']:.0f} |" for r in rows]) + "\n"
@@ -179,6 +193,9 @@ def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
         text += [model_table(rows, cuda), ""]
         per_flop = per_flop_table(rows)
         text += ["Speed per FLOP:", "", per_flop, ""] if per_flop else []
+        per_rank = rank_table(rows)
+        note = " (collectives: `--profile`, start to end, waiting for the slowest rank included)"
+        text += [f"Time per rank{note}:", "", per_rank, ""] if per_rank else []
     if loader:
         text += [meta["loader_setup"], "", loader_table(loader), ""]
     if rows:
@@ -203,6 +220,9 @@ def log_to_mlflow(out: Path, rows: list[dict], loader: list[dict], meta: dict, f
             for rank, mem in enumerate(r["ranks"]):
                 metrics[f"{name}/rank{rank}/peak_allocated_gib"] = mem["peak_allocated_gib"]
                 metrics[f"{name}/rank{rank}/peak_reserved_gib"] = mem["peak_reserved_gib"]
+                metrics[f"{name}/rank{rank}/ms_per_step"] = mem["ms_per_step"]
+                if "comm_ms_per_step" in mem:
+                    metrics[f"{name}/rank{rank}/comm_ms_per_step"] = mem["comm_ms_per_step"]
         else:
             metrics[f"{name}/oom"] = float("oom" in r)
     metrics.update({f"loader/workers{r['workers']}/images_per_s": r["images_per_s"] for r in loader})

@@ -104,13 +104,15 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         _synchronize(device)
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - start)
-    top = []
+    profiled = {}
     if spec.get("profile"):  # after the timed steps, which the profiler must not slow
         run_step = lambda i: prepared.step.run_window(batches, step=spec["warmup"] + spec["steps"] + i)  # noqa: E731
-        top = profile_steps(run_step, device, out, record=accelerator.is_main_process)
-    seconds = torch.tensor([statistics.median(times)], device=device)
+        profiled = profile_steps(run_step, device, out, record=accelerator.is_main_process)
+    # Per rank: its median step and, when profiled, its time in collectives per step.
+    timing = torch.tensor([statistics.median(times) * 1e3, profiled.get("comm_ms_per_step", -1.0)], device=device)
+    timing = accelerator.gather(timing[None]).cpu()
     memory = accelerator.gather(snapshot(device).to(device)[None]).cpu()
-    slowest = float(accelerator.gather(seconds).max())
+    slowest = float(timing[:, 0].max()) / 1e3
     # Every rank past its last collective before any tears the process group down: a gloo rank
     # whose peer is already gone can abort at exit.
     accelerator.wait_for_everyone()
@@ -118,6 +120,10 @@ def train_steps(spec: dict, out: Path) -> dict | None:
     if not accelerator.is_main_process:
         return None
     ranks = [dict(zip(FIELDS, values)) for values in memory.tolist()]
+    for rank, (step_ms, comm_ms) in zip(ranks, timing.tolist()):
+        rank["ms_per_step"] = step_ms
+        if comm_ms >= 0:
+            rank["comm_ms_per_step"] = comm_ms
     return {
         "world_size": split.world_size,
         "micro_batch": split.micro_batch,
@@ -130,7 +136,7 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         "peak_allocated_gib": max(r["peak_allocated_gib"] for r in ranks),
         "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        **({"top_ops": top, "trace": str(out / TRACE_FILE)} if top else {}),
+        **({"top_ops": profiled["top_ops"], "trace": str(out / TRACE_FILE)} if profiled else {}),
     }
 
 
