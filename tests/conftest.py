@@ -1,4 +1,6 @@
-"""Shared test helpers. Tests run on CPU, on the two cores CI has, split between pytest-xdist workers."""
+"""Shared test helpers. Tests run on CPU, on the two cores CI has, split between two pytest-xdist workers
+a file at a time (`--dist loadfile`: module fixtures such as the Slurm cluster or the MLflow server are
+built once, and two Slurm clusters never run jobs at the same time)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,6 @@ import torch
 # Two workers with two OpenMP threads each would spin against each other on two cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, 2 // _WORKERS))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Schedule whole files on one worker (`--dist loadgroup`): module fixtures (a Slurm cluster, an
-    MLflow server, a trained run) are then built once. The files that share the session's trained run
-    (tests/launch) go together for the same reason."""
-    for item in items:
-        group = "trained_run" if "trained_run" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
