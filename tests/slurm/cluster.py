@@ -1,6 +1,12 @@
 """A real two-node Slurm cluster on this machine, for tests: slurmctld plus two slurmd daemons
 (nodes n1 and n2, both 127.0.0.1 on their own ports), no munge (auth/none), in a private folder.
 
+Job credentials live 10 s instead of Slurm's default 120 s. A requeued job is held for the credential
+lifetime, so that nodes have dropped the old incarnation's revoked credential before it starts again;
+starting it earlier fails it ("Job credential revoked"). The short lifetime, and a scheduling pass every 2 s
+instead of 60 s (nothing else wakes the scheduler when a held job's begin time passes), keep the requeue
+test short without that race.
+
 Only the daemons started here are stopped afterwards, by the PIDs recorded at start.
 """
 
@@ -68,6 +74,8 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ports[0]}
 AuthType=auth/none
 CredType=cred/none
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={folder}/state
