@@ -24,6 +24,8 @@ the rank that hits it records it and exits, and the launcher stops the others.
 to emulate a smaller GPU. `--loader` also measures the training data loader (full augmentation)
 per worker count, so the two can be compared. `--profile` traces two more steps of each row with
 torch.profiler: a Perfetto/Chrome trace per row and its top operators by self time in bench.md.
+`--inference` times each network's eval forward (fp32, before NMS) as loaded and with every Conv-BN
+pair folded into one convolution (what `launch/detect.py` runs), the two alternating in one process.
 
 Writes bench.md (tables, target checks), bench.json and bench.png to --out (default
 runs/bench/<time>), and logs them with one metric per row to MLflow (<out>/mlflow.db unless
@@ -76,6 +78,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches per worker count")
     parser.add_argument("--data", help="loader: image folder or list (default: the synthetic dataset)")
     parser.add_argument("--profile", action="store_true", help="also trace a few steps per row (torch.profiler)")
+    parser.add_argument(
+        "--inference", action="store_true", help="also time each model's eval forward, BatchNorm folded and not"
+    )
+    parser.add_argument("--inference-only", action="store_true", help="time only that (the grid names the models)")
+    parser.add_argument("--inference-batch", type=int, default=8, help="images per inference forward")
     return parser.parse_args()
 
 

@@ -21,6 +21,7 @@ from adyolo.bench.main import check_rows
 from adyolo.bench.report import per_flop_table, target_checks
 from adyolo.config import load_run_config
 from adyolo.model import ModelConfig, build_model
+from adyolo.model.blocks import ConvBN
 from adyolo.model.summary import count_gflops, count_parameters, count_training_gflops
 from tests.engine.runs import environment
 
@@ -92,11 +93,12 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert {"bench.md", "bench.json", "bench.png"} <= artifacts
 
 
-def test_profile_traces_a_row_and_names_its_costliest_operators(tmp_path):
+def test_profile_traces_a_row_and_names_its_costliest_operators_and_inference_is_timed_folded(tmp_path):
     out = tmp_path / "out"
     proc = _bench(
         *("--size", "n", "--img", "64", "--global-batch", "2", "--gpus", "1", "--fusion", "efficient"),
         *("--checkpoint", "off", "--warmup", "1", "--steps", "1", "--out", str(out), "--profile"),
+        *("--inference", "--inference-batch", "2"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = json.loads((out / "bench.json").read_text())["rows"]
@@ -116,6 +118,17 @@ def test_profile_traces_a_row_and_names_its_costliest_operators(tmp_path):
         "trace.json",
         "top_ops.txt",
     }
+
+    # The network's eval forward, as loaded and with its Conv-BN pairs folded, timed side by side.
+    (inference,) = json.loads((out / "bench.json").read_text())["inference"]
+    model = build_model(ModelConfig(size="n", fusion="efficient"))
+    assert inference["model"] == "efficient" and inference["batch"] == 2
+    assert inference["folded"] == sum(isinstance(m, ConvBN) for m in model.modules())
+    assert inference["images_per_s"] > 0 and inference["folded_images_per_s"] > 0
+    line = next(line for line in report.splitlines() if line.startswith("| efficient | "))
+    assert f"| {inference['folded']} |" in line and line.endswith("x |")
+    metric = run.data.metrics["inference/efficient/folded_images_per_s"]
+    assert metric == pytest.approx(inference["folded_images_per_s"], rel=1e-5)
 
 
 def test_bad_grid_values_and_config_keys_stop_before_any_row(tmp_path):

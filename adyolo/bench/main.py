@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from adyolo.bench.grid import AXES, GridError, expand_grid, label, overrides, parse_axes
+from adyolo.bench.inference import bench_inference
 from adyolo.bench.loader import LOADER_BATCH, bench_loader
 from adyolo.bench.report import log_to_mlflow, plot, report
 from adyolo.bench.runner import run_row
@@ -54,6 +55,9 @@ class BenchSettings:
     loader_batches: int = 20
     data: str | None = None
     profile: bool = False  # also trace a few steps of each row (torch.profiler)
+    inference: bool = False  # also time each model's eval forward, BatchNorm folded and not
+    inference_only: bool = False  # only that: the grid names the models, no training rows run
+    inference_batch: int = 8
 
 
 def run_benchmark(settings: BenchSettings) -> Path:
@@ -74,10 +78,11 @@ def run_benchmark(settings: BenchSettings) -> Path:
         "steps": settings.steps,
         "profile": settings.profile,
     }
-    rows = [] if settings.loader_only else expand_grid(axes)
-    invalid = check_rows(rows, common)
-    if rows and len(invalid) == len(rows):
+    grid = [] if settings.loader_only else expand_grid(axes)
+    invalid = check_rows(grid, common)
+    if grid and len(invalid) == len(grid):
         raise GridError(invalid[0])
+    rows = [] if settings.inference_only else grid
 
     out = settings.out or Path("runs/bench") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -98,16 +103,42 @@ def run_benchmark(settings: BenchSettings) -> Path:
         meta["loader_setup"] = (
             f"Data loader: {settings.img} px, batch {LOADER_BATCH}, mosaic + affine + HSV + flip, {os.cpu_count()} CPUs"
         )
-    text = report(results, loader, meta, cuda)
+    inference = []
+    if settings.inference or settings.inference_only:
+        inference = bench_inference(
+            inference_models(grid, invalid, common),
+            settings.config,
+            settings.img,
+            settings.inference_batch,
+            settings.steps,
+            settings.warmup,
+        )
+        meta["inference_setup"] = (
+            f"Inference: eval forward (before NMS), fp32, batch {settings.inference_batch}, {settings.img} px, "
+            f"median of {settings.steps} after {settings.warmup} warm-up, plain and folded timed alternately"
+        )
+    text = report(results, loader, meta, cuda, inference)
     (out / "bench.md").write_text(text)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": results, "loader": loader}, indent=2))
+    saved = {"meta": meta, "rows": results, "loader": loader, "inference": inference}
+    (out / "bench.json").write_text(json.dumps(saved, indent=2))
     files = [out / "bench.md", out / "bench.json"]
     picture = plot(results, out / "bench.png")
     files += [picture] if picture else []
     if not settings.no_mlflow:
-        log_to_mlflow(out, results, loader, meta, files)
+        log_to_mlflow(out, results, loader, meta, files, inference)
     print("\n" + text + f"written to {out}/")
     return out
+
+
+def inference_models(rows: list[dict], invalid: dict[int, str], common: dict) -> list[tuple[str, list[str]]]:
+    """Each distinct network of the valid rows (fusion and attention name it), with the overrides of its
+    first row: (name, overrides)."""
+    models: dict[str, list[str]] = {}
+    for i, row in enumerate(rows):
+        name = f"{row['fusion']}/{row['attention']}" if row["fusion"] == "full" else row["fusion"]
+        if i not in invalid and name not in models:
+            models[name] = overrides(row, common)
+    return list(models.items())
 
 
 def check_rows(rows: list[dict], common: dict) -> dict[int, str]:

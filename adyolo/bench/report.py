@@ -187,7 +187,15 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
+def inference_table(rows: list[dict]) -> str:
+    lines = ["| model | BatchNorms folded | img/s | img/s folded | folded / plain |", "|---|---|---|---|---|"]
+    for r in rows:
+        plain, folded = r["images_per_s"], r["folded_images_per_s"]
+        lines.append(f"| {r['model']} | {r['folded']} | {plain:.1f} | {folded:.1f} | {folded / plain:.2f}x |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool, inference: list[dict] = ()) -> str:
     text = [f"# Benchmark, {meta['date']}", "", meta["setup"], ""]
     if rows:
         text += [model_table(rows, cuda), ""]
@@ -198,6 +206,8 @@ def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
         text += [f"Time per rank{note}:", "", per_rank, ""] if per_rank else []
     if loader:
         text += [meta["loader_setup"], "", loader_table(loader), ""]
+    if inference:
+        text += [meta["inference_setup"], "", inference_table(inference), ""]
     if rows:
         text += ["Targets:", ""] + [f"- {c}" for c in target_checks(rows, loader, meta["memory_budget_gib"])]
     profiled = profile_table(rows, label)
@@ -208,9 +218,11 @@ def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool) -> str:
     return "\n".join(text) + "\n"
 
 
-def log_to_mlflow(out: Path, rows: list[dict], loader: list[dict], meta: dict, files: list[Path]) -> None:
+def log_to_mlflow(
+    out: Path, rows: list[dict], loader: list[dict], meta: dict, files: list[Path], inference: list[dict] = ()
+) -> None:
     tracker = Tracker(True, tracking_uri(None, out), "adyolo-bench", out, run_name=f"bench {meta['date']}")
-    tracker.log_params({k: v for k, v in meta.items() if k not in ("setup", "loader_setup")})
+    tracker.log_params({k: v for k, v in meta.items() if k not in ("setup", "loader_setup", "inference_setup")})
     metrics = {}
     for r in rows:
         name = label(r).replace("=", "-").replace("+", "_")
@@ -226,6 +238,9 @@ def log_to_mlflow(out: Path, rows: list[dict], loader: list[dict], meta: dict, f
         else:
             metrics[f"{name}/oom"] = float("oom" in r)
     metrics.update({f"loader/workers{r['workers']}/images_per_s": r["images_per_s"] for r in loader})
+    for r in inference:
+        metrics[f"inference/{r['model']}/images_per_s"] = r["images_per_s"]
+        metrics[f"inference/{r['model']}/folded_images_per_s"] = r["folded_images_per_s"]
     tracker.log_metrics(metrics, step=0)
     for path in files:
         tracker.log_artifact(path)

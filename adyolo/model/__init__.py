@@ -2,5 +2,6 @@
 
 from adyolo.model.config import ModelConfig
 from adyolo.model.detector import ADYOLOFace, build_model
+from adyolo.model.fold import fold_batchnorm_
 
-__all__ = ["ADYOLOFace", "ModelConfig", "build_model"]
+__all__ = ["ADYOLOFace", "ModelConfig", "build_model", "fold_batchnorm_"]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from adyolo.data.dataset import list_images
 from adyolo.layout import NUM_LANDMARKS, DetectionRow
+from adyolo.model import fold_batchnorm_
 from adyolo.predict.detector import Detector, resolve_device
 from adyolo.viz import draw_detections
 from adyolo.weights import load_weights
@@ -58,6 +59,7 @@ def detect(request: DetectionRequest) -> Path:
     try:
         device = resolve_device(request.device)
         model, config = load_weights(request.weights, device)
+        fold_batchnorm_(model)  # inference only: one convolution per Conv-BN pair, same outputs up to rounding
         img_size = request.img or config["model"]["img_size"]
         detector = Detector(model, img_size, request.conf, request.iou, device)
     except ValueError as err:  # WeightsError, a device that is not there, a size the model cannot take
