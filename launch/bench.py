@@ -9,7 +9,8 @@
 Each row is one training configuration: fusion (full, efficient, or yolov5face: the YOLOv5-Face
 baseline, `model.neck=yolov5face`, PAN neck with 3 levels and no GD fusion), attention (sdpa, explicit; full
 only), precision (fp32, bf16), activation checkpointing (off, all, or blocks joined with "+"), ZeRO
-stage (0: plain DDP, 1, 2, 2_offload, 3), channels_last and torch.compile. A row runs in fresh
+stage (0: plain DDP, 1, 2, 2_offload, 3), channels_last, torch.compile and, for ZeRO rows, DeepSpeed's
+bucket size (`--bucket`, elements) and `--overlap-comm` (both default to the stage's JSON). A row runs in fresh
 processes, one per GPU (`accelerate launch` with the matching ds_configs/ JSON), and times what
 `launch/train.py` runs: the same Accelerator, DeepSpeed engine, optimizer, schedule, loss, EMA and
 training step (`adyolo.engine.step.TrainStep`), on one synthetic batch kept on the device (so the data
@@ -59,6 +60,12 @@ def parse_args() -> argparse.Namespace:
     grid.add_argument("--zero", default="0", help=f"ZeRO stage: {', '.join(ZERO_CHOICES)} (0: plain DDP)")
     grid.add_argument("--channels-last", default="off", help="off, on")
     grid.add_argument("--compile", default="off", help="off, on (torch.compile)")
+    grid.add_argument(
+        "--bucket",
+        default="json",
+        help="ZeRO rows: reduce/allgather bucket size in elements, e.g. 5e6 (json: as in ds_configs/)",
+    )
+    grid.add_argument("--overlap-comm", default="json", help="ZeRO rows: off, on (json: as in ds_configs/)")
     grid.add_argument("--global-batch", default="40" if cuda else "2", help="images per optimizer step")
     parser.add_argument("--gpus", type=int, default=max(1, torch.cuda.device_count()), help="processes per row")
     parser.add_argument("--micro-batch", type=int, help="images per rank per pass (default: global / gpus)")

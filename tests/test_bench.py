@@ -164,6 +164,49 @@ def test_grid_varies_attention_only_for_the_full_variant():
         parse_axes({**axes, "zero": "0", "global_batch": "40,0"})
 
 
+def test_deepspeed_bucket_and_overlap_vary_only_zero_rows_and_reach_their_json(tmp_path):
+    axes = {
+        "global_batch": "4",
+        "fusion": "efficient",
+        "attention": "sdpa",
+        "precision": "fp32",
+        "checkpoint": "off",
+        "zero": "0,2",
+        "channels_last": "off",
+        "compile": "off",
+        "bucket": "json,5e6",
+        "overlap_comm": "off,on",
+    }
+    rows = expand_grid(parse_axes(axes))
+    names = [label(r) for r in rows]
+    # DDP has no DeepSpeed buckets: one row; ZeRO-2: 2 bucket settings x 2 overlap settings.
+    assert names == [
+        "efficient fp32 ckpt=off ddp b4",
+        "efficient fp32 ckpt=off z2 overlap=off b4",
+        "efficient fp32 ckpt=off z2 overlap=on b4",
+        "efficient fp32 ckpt=off z2 bucket=5e6 overlap=off b4",
+        "efficient fp32 ckpt=off z2 bucket=5e6 overlap=on b4",
+    ]
+    common = {"gpus": 2, "micro_batch": None}
+    written = []
+    for row in rows[1:]:
+        runner.launch_command(row, common, tmp_path)
+        written.append(json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"])
+    stage_file = json.loads((runner.DS_CONFIGS / "zero2.json").read_text())["zero_optimization"]
+    assert [z["overlap_comm"] for z in written] == [False, True, False, True]
+    assert [z["reduce_bucket_size"] for z in written] == [stage_file["reduce_bucket_size"]] * 2 + [5_000_000] * 2
+    assert all(z["allgather_bucket_size"] == z["reduce_bucket_size"] for z in written[2:])
+    # The JSON's own settings when the axes are not given (the default, `json`).
+    (default,) = expand_grid(parse_axes({**axes, "zero": "2", "bucket": "json", "overlap_comm": "json"}))
+    runner.launch_command(default, common, tmp_path)
+    assert json.loads((tmp_path / "deepspeed.json").read_text())["zero_optimization"] == stage_file
+    assert label(default) == "efficient fp32 ckpt=off z2 b4"
+    with pytest.raises(GridError, match="--bucket takes `json` or element counts"):
+        parse_axes({**axes, "bucket": "big"})
+    with pytest.raises(GridError, match="--overlap-comm: unknown 'yes'"):
+        parse_axes({**axes, "overlap_comm": "yes"})
+
+
 def test_the_yolov5face_baseline_is_a_row_beside_the_gd_variants():
     axes = {
         "global_batch": "2",

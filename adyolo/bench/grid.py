@@ -15,8 +15,12 @@ CHOICES = {
     "zero": ZERO_CHOICES,
     "channels_last": ("off", "on"),
     "compile": ("off", "on"),
+    "overlap_comm": ("json", "off", "on"),
 }
-AXES = ("global_batch", "fusion", "attention", "precision", "checkpoint", "zero", "channels_last", "compile")
+# DeepSpeed's communication settings, for ZeRO rows only: `json` keeps the stage's ds_configs/ file.
+# bucket: reduce_bucket_size and allgather_bucket_size in elements (e.g. 5e6); overlap_comm: off or on.
+DS_AXES = {"bucket": "json", "overlap_comm": "json"}
+AXES = ("global_batch", "fusion", "attention", "precision", "checkpoint", "zero", "channels_last", "compile", *DS_AXES)
 
 
 class GridError(ValueError):
@@ -26,7 +30,7 @@ class GridError(ValueError):
 
 def parse_axes(values: Mapping[str, str]) -> dict[str, list]:
     """Comma lists per axis (as given on the command line) -> lists of values, checked."""
-    axes = {axis: [v for v in values[axis].split(",") if v] for axis in AXES}
+    axes = {axis: [v for v in values.get(axis, DS_AXES.get(axis, "")).split(",") if v] for axis in AXES}
     for axis, choices in CHOICES.items():
         bad = [v for v in axes[axis] if v not in choices]
         if bad:
@@ -34,13 +38,25 @@ def parse_axes(values: Mapping[str, str]) -> dict[str, list]:
     if not all(b.isdigit() and int(b) > 0 for b in axes["global_batch"]):
         raise GridError(f"--global-batch takes positive integers, got {','.join(axes['global_batch'])}")
     axes["global_batch"] = [int(b) for b in axes["global_batch"]]
+    bad = [b for b in axes["bucket"] if b != "json" and not _positive_number(b)]
+    if bad:
+        raise GridError(f"--bucket takes `json` or element counts such as 5e6 or 50000000, got {bad[0]!r}")
     return axes
 
 
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) >= 1
+    except ValueError:
+        return False
+
+
 def expand_grid(axes: Mapping[str, Sequence]) -> list[dict]:
-    """Rows for every combination; attention varies only for the full variant (`-` for the others)."""
+    """Rows for every combination; attention varies only for the full variant (`-` for the others), the
+    DeepSpeed settings only for ZeRO rows (`-` for DDP)."""
     rows, seen = [], set()
-    for batch, fusion, attention, precision, ckpt, zero, cl, compiled in itertools.product(*(axes[a] for a in AXES)):
+    for values in itertools.product(*(axes[a] for a in AXES)):
+        batch, fusion, attention, precision, ckpt, zero, cl, compiled, bucket, overlap = values
         row = {
             "global_batch": batch,
             "fusion": fusion,
@@ -50,6 +66,8 @@ def expand_grid(axes: Mapping[str, Sequence]) -> list[dict]:
             "zero": zero,
             "channels_last": cl == "on",
             "compile": compiled == "on",
+            "bucket": "-" if zero == "0" else bucket,
+            "overlap_comm": "-" if zero == "0" else overlap,
         }
         key = tuple(row.values())
         if key not in seen:
@@ -66,7 +84,12 @@ def label(row: dict) -> str:
         f"ckpt={row['checkpoint']}",
         f"z{row['zero']}" if row["zero"] != "0" else "ddp",
     ]
-    parts += ["cl"] * row["channels_last"] + ["compile"] * row["compile"] + [f"b{row['global_batch']}"]
+    parts += ["cl"] * row["channels_last"] + ["compile"] * row["compile"]
+    if row.get("bucket", "-") not in ("-", "json"):
+        parts.append(f"bucket={row['bucket']}")
+    if row.get("overlap_comm", "-") in ("off", "on"):
+        parts.append(f"overlap={row['overlap_comm']}")
+    parts.append(f"b{row['global_batch']}")
     return " ".join(parts)
 
 

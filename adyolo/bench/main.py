@@ -36,6 +36,8 @@ class BenchSettings:
     zero: str = "0"
     channels_last: str = "off"
     compile: str = "off"
+    bucket: str = "json"  # ZeRO rows: reduce/allgather bucket size in elements; json: the stage's file
+    overlap_comm: str = "json"  # ZeRO rows: off, on; json: the stage's file
     global_batch: str = "2"
     gpus: int = 1  # processes per row
     micro_batch: int | None = None  # None: global batch / gpus

@@ -102,8 +102,8 @@ def loader_table(rows: list[dict]) -> str:
 
 
 def _same_but(row: dict, other: dict, *keys: str) -> bool:
-    settings = ("global_batch", "precision", "checkpoint", "zero", "channels_last", "compile")
-    return all(row[k] == other[k] for k in settings if k not in keys)
+    settings = ("global_batch", "precision", "checkpoint", "zero", "channels_last", "compile", "bucket", "overlap_comm")
+    return all(row.get(k) == other.get(k) for k in settings if k not in keys)
 
 
 def target_checks(rows: list[dict], loader: list[dict], budget_gib: float) -> list[str]:

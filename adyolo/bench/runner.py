@@ -32,6 +32,11 @@ def launch_command(row: dict, common: dict, row_dir: Path) -> list[str]:
         split = split_global_batch(row["global_batch"], common["gpus"], common["micro_batch"])
         ds = json.loads((DS_CONFIGS / f"zero{row['zero']}.json").read_text())
         ds["torch_autocast"] = {"enabled": row["precision"] == "bf16", "dtype": "bfloat16"}
+        zero = ds["zero_optimization"]
+        if row.get("bucket", "json") != "json":
+            zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(float(row["bucket"]))
+        if row.get("overlap_comm", "json") != "json":
+            zero["overlap_comm"] = row["overlap_comm"] == "on"
         ds.update(
             train_micro_batch_size_per_gpu=split.micro_batch,
             gradient_accumulation_steps=split.accumulation,
