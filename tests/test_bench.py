@@ -131,6 +131,20 @@ def test_profile_traces_a_row_and_names_its_costliest_operators_and_inference_is
     assert metric == pytest.approx(inference["folded_images_per_s"], rel=1e-5)
 
 
+def test_inference_only_runs_no_training_row(tmp_path):
+    proc = _bench(
+        *("--inference-only", "--size", "n", "--img", "64", "--fusion", "yolov5face,efficient"),
+        *("--checkpoint", "off", "--inference-batch", "1", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)),
+        "--no-mlflow",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == [] and not (tmp_path / "rows").exists()
+    assert [r["model"] for r in saved["inference"]] == ["yolov5face", "efficient"]
+    report = (tmp_path / "bench.md").read_text()
+    assert "optimizer steps" not in report and "| yolov5face | " in report and "| efficient | " in report
+
+
 def test_bad_grid_values_and_config_keys_stop_before_any_row(tmp_path):
     proc = _bench("--attention", "flash", "--out", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "--attention: unknown 'flash'" in proc.stderr

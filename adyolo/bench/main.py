@@ -180,6 +180,7 @@ def describe(settings: BenchSettings, cuda: bool) -> dict:
         "size": settings.size,
         "img": settings.img,
         "memory_budget_gib": settings.memory_budget_gib,
+        "machine": f"{settings.gpus} x {device}{budget}; torch {torch.__version__}, {_versions()}",
         "setup": (
             f"{settings.gpus} x {device}{budget}; torch {torch.__version__}, {_versions()}; size {settings.size}, "
             f"{settings.img} px; median of {settings.steps} optimizer steps after {settings.warmup} warm-up; "

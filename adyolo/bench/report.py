@@ -196,7 +196,8 @@ def inference_table(rows: list[dict]) -> str:
 
 
 def report(rows: list[dict], loader: list[dict], meta: dict, cuda: bool, inference: list[dict] = ()) -> str:
-    text = [f"# Benchmark, {meta['date']}", "", meta["setup"], ""]
+    # Without training rows (--loader-only, --inference-only) the step settings describe nothing measured.
+    text = [f"# Benchmark, {meta['date']}", "", meta["setup"] if rows else meta["machine"], ""]
     if rows:
         text += [model_table(rows, cuda), ""]
         per_flop = per_flop_table(rows)
@@ -222,7 +223,8 @@ def log_to_mlflow(
     out: Path, rows: list[dict], loader: list[dict], meta: dict, files: list[Path], inference: list[dict] = ()
 ) -> None:
     tracker = Tracker(True, tracking_uri(None, out), "adyolo-bench", out, run_name=f"bench {meta['date']}")
-    tracker.log_params({k: v for k, v in meta.items() if k not in ("setup", "loader_setup", "inference_setup")})
+    sentences = ("machine", "setup", "loader_setup", "inference_setup")  # in bench.md, not parameters
+    tracker.log_params({k: v for k, v in meta.items() if k not in sentences})
     metrics = {}
     for r in rows:
         name = label(r).replace("=", "-").replace("+", "_")
