@@ -25,8 +25,7 @@ the rank that hits it records it and exits, and the launcher stops the others.
 to emulate a smaller GPU. `--loader` also measures the training data loader (full augmentation)
 per worker count, so the two can be compared. `--profile` traces two more steps of each row with
 torch.profiler: a Perfetto/Chrome trace per row and its top operators by self time in bench.md.
-`--inference` times each network's eval forward (fp32, before NMS) as loaded and with every Conv-BN
-pair folded into one convolution (what `launch/detect.py` runs), the two alternating in one process.
+`--inference` times each network's eval forward (fp32, before NMS) plain and BatchNorm-folded (detect.py's).
 
 Writes bench.md (tables, target checks), bench.json and bench.png to --out (default
 runs/bench/<time>), and logs them with one metric per row to MLflow (<out>/mlflow.db unless
@@ -60,12 +59,8 @@ def parse_args() -> argparse.Namespace:
     grid.add_argument("--zero", default="0", help=f"ZeRO stage: {', '.join(ZERO_CHOICES)} (0: plain DDP)")
     grid.add_argument("--channels-last", default="off", help="off, on")
     grid.add_argument("--compile", default="off", help="off, on (torch.compile)")
-    grid.add_argument(
-        "--bucket",
-        default="json",
-        help="ZeRO rows: reduce/allgather bucket size in elements, e.g. 5e6 (json: as in ds_configs/)",
-    )
-    grid.add_argument("--overlap-comm", default="json", help="ZeRO rows: off, on (json: as in ds_configs/)")
+    grid.add_argument("--bucket", default="json", help="ZeRO rows: reduce/allgather bucket in elements, e.g. 5e6")
+    grid.add_argument("--overlap-comm", default="json", help="ZeRO rows: off, on (json: as ds_configs/ says)")
     grid.add_argument("--global-batch", default="40" if cuda else "2", help="images per optimizer step")
     parser.add_argument("--gpus", type=int, default=max(1, torch.cuda.device_count()), help="processes per row")
     parser.add_argument("--micro-batch", type=int, help="images per rank per pass (default: global / gpus)")
@@ -85,9 +80,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches per worker count")
     parser.add_argument("--data", help="loader: image folder or list (default: the synthetic dataset)")
     parser.add_argument("--profile", action="store_true", help="also trace a few steps per row (torch.profiler)")
-    parser.add_argument(
-        "--inference", action="store_true", help="also time each model's eval forward, BatchNorm folded and not"
-    )
+    parser.add_argument("--inference", action="store_true", help="also time eval forward, BatchNorm folded and not")
     parser.add_argument("--inference-only", action="store_true", help="time only that (the grid names the models)")
     parser.add_argument("--inference-batch", type=int, default=8, help="images per inference forward")
     return parser.parse_args()
