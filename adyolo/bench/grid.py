@@ -30,7 +30,8 @@ class GridError(ValueError):
 
 def parse_axes(values: Mapping[str, str]) -> dict[str, list]:
     """Comma lists per axis (as given on the command line) -> lists of values, checked."""
-    axes = {axis: [v for v in values.get(axis, DS_AXES.get(axis, "")).split(",") if v] for axis in AXES}
+    given = {axis: values[axis] if axis not in DS_AXES else values.get(axis, DS_AXES[axis]) for axis in AXES}
+    axes = {axis: [v for v in text.split(",") if v] for axis, text in given.items()}
     for axis, choices in CHOICES.items():
         bad = [v for v in axes[axis] if v not in choices]
         if bad:
@@ -76,10 +77,15 @@ def expand_grid(axes: Mapping[str, Sequence]) -> list[dict]:
     return rows
 
 
+def network(row: dict) -> str:
+    """The network a row trains: `full/<attention>`, `efficient` or `yolov5face`."""
+    return f"{row['fusion']}/{row['attention']}" if row["fusion"] == "full" else row["fusion"]
+
+
 def label(row: dict) -> str:
     """A short unique name, e.g. `full/sdpa bf16 ckpt=all z2 cl compile b40`, `yolov5face fp32 ckpt=off ddp b2`."""
     parts = [
-        f"{row['fusion']}/{row['attention']}" if row["fusion"] == "full" else row["fusion"],
+        network(row),
         row["precision"],
         f"ckpt={row['checkpoint']}",
         f"z{row['zero']}" if row["zero"] != "0" else "ddp",

@@ -39,7 +39,14 @@ def bench_inference(
                     if step >= warmup:
                         seconds[form].append(time.perf_counter() - start)
         plain_ips, folded_ips = (batch / statistics.median(seconds[f]) for f in ("plain", "folded"))
-        rows.append({"model": name, "batch": batch, "folded": count})
-        rows[-1].update(images_per_s=plain_ips, folded_images_per_s=folded_ips)
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "folded": count,
+                "images_per_s": plain_ips,
+                "folded_images_per_s": folded_ips,
+            }
+        )
         del plain, folded
     return rows

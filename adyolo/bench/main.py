@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adyolo.bench.grid import AXES, GridError, expand_grid, label, overrides, parse_axes
+from adyolo.bench.grid import AXES, GridError, expand_grid, label, network, overrides, parse_axes
 from adyolo.bench.inference import bench_inference
 from adyolo.bench.loader import LOADER_BATCH, bench_loader
 from adyolo.bench.report import log_to_mlflow, plot, report
@@ -133,11 +133,10 @@ def run_benchmark(settings: BenchSettings) -> Path:
 
 
 def inference_models(rows: list[dict], invalid: dict[int, str], common: dict) -> list[tuple[str, list[str]]]:
-    """Each distinct network of the valid rows (fusion and attention name it), with the overrides of its
-    first row: (name, overrides)."""
+    """Each distinct network of the valid rows, with the overrides of its first row: (name, overrides)."""
     models: dict[str, list[str]] = {}
     for i, row in enumerate(rows):
-        name = f"{row['fusion']}/{row['attention']}" if row["fusion"] == "full" else row["fusion"]
+        name = network(row)
         if i not in invalid and name not in models:
             models[name] = overrides(row, common)
     return list(models.items())
@@ -172,6 +171,7 @@ def describe(settings: BenchSettings, cuda: bool) -> dict:
     """The setup a reader needs beside the numbers: device, versions, date, what was measured."""
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     budget = f", each process limited to {settings.memory_budget_gib:g} GiB" if settings.memory_budget_gib else ""
+    machine = f"{settings.gpus} x {device}{budget}; torch {torch.__version__}, {_versions()}"
     return {
         "date": dt.date.today().isoformat(),
         "device": device,
@@ -180,10 +180,10 @@ def describe(settings: BenchSettings, cuda: bool) -> dict:
         "size": settings.size,
         "img": settings.img,
         "memory_budget_gib": settings.memory_budget_gib,
-        "machine": f"{settings.gpus} x {device}{budget}; torch {torch.__version__}, {_versions()}",
+        "machine": machine,
         "setup": (
-            f"{settings.gpus} x {device}{budget}; torch {torch.__version__}, {_versions()}; size {settings.size}, "
-            f"{settings.img} px; median of {settings.steps} optimizer steps after {settings.warmup} warm-up; "
+            f"{machine}; size {settings.size}, {settings.img} px; "
+            f"median of {settings.steps} optimizer steps after {settings.warmup} warm-up; "
             "synthetic batch on the device; TFLOP/s = model FLOPs (forward + backward, flop_counter) x img/s, "
             "all ranks together"
         ),
