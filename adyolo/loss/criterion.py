@@ -56,25 +56,35 @@ class DetectionLoss:
         box, obj, cls, landmark = zero, zero, zero, zero
         for level, (pred, t) in enumerate(zip(raw, levels)):
             pred = pred.float()  # losses in fp32 whatever the forward's precision
+            # Every candidate is gathered and the invalid ones masked (`torch.where`, not a multiply, so
+            # nothing non-finite can leak in): no data-dependent shape, no host synchronisation.
+            picked = pred[t.image, t.anchor, t.cell_y, t.cell_x]  # [K, 15 + C]
+            valid = t.valid
+            count = valid.sum().clamp(min=1)
+            xy = picked[:, AnchorOutput.XY].sigmoid() * 2 - 0.5
+            # CIoU divides by the predicted height with no epsilon: a size that
+            # underflows to 0 would give NaN. A floor of 1e-3 cells is far below a pixel.
+            wh = ((picked[:, AnchorOutput.WH].sigmoid() * 2) ** 2 * t.anchor_wh).clamp(min=MIN_SIZE)
+            box_loss = torch.where(valid, ciou_loss(torch.cat([xy, wh], dim=1), t.box), 0.0)
+            box = box + box_loss.sum() / count
+            # Objectness learns how well the box fits (CIoU, clamped at 0), not just "a face is here".
+            # Where two faces claim one anchor the better fit is kept (YOLOv5 keeps whichever is
+            # written last, which on a GPU is not even deterministic).
+            fit = torch.where(valid, (1 - box_loss).detach().clamp(min=0), 0.0)
             obj_target = torch.zeros(pred.shape[:4], device=device)
-            if len(t.image):
-                picked = pred[t.image, t.anchor, t.cell_y, t.cell_x]  # [K, 15 + C]
-                xy = picked[:, AnchorOutput.XY].sigmoid() * 2 - 0.5
-                # torchvision's CIoU divides by the predicted height with no epsilon: a size that
-                # underflows to 0 would give NaN. A floor of 1e-3 cells is far below a pixel.
-                wh = ((picked[:, AnchorOutput.WH].sigmoid() * 2) ** 2 * t.anchor_wh).clamp(min=MIN_SIZE)
-                box_loss = ciou_loss(torch.cat([xy, wh], dim=1), t.box)
-                box = box + box_loss.mean()
-                # Objectness learns how well the box fits (CIoU, clamped at 0), not just "a face is here".
-                obj_target[t.image, t.anchor, t.cell_y, t.cell_x] = (1 - box_loss).detach().clamp(min=0)
-                if self.num_classes > 1:
-                    one_hot = F.one_hot(t.cls, self.num_classes).float()
-                    cls = cls + F.binary_cross_entropy_with_logits(picked[:, AnchorOutput.CLASSES :], one_hot)
-                points = picked[:, AnchorOutput.LANDMARKS] * t.anchor_wh.repeat(1, NUM_LANDMARKS)
-                mask = t.landmark_mask
-                landmark = landmark + wing_loss(
-                    points[mask], t.landmarks[mask], cfg.wing_width, cfg.wing_curvature
-                ).sum() / mask.sum().clamp(min=1)
+            cell_index = ((t.image * pred.shape[1] + t.anchor) * pred.shape[2] + t.cell_y) * pred.shape[3] + t.cell_x
+            obj_target.view(-1).scatter_reduce_(0, cell_index, fit, reduce="amax")
+            if self.num_classes > 1:
+                # Not F.one_hot: on a GPU it reads the class range back to check it (a host sync).
+                one_hot = (t.cls[:, None] == torch.arange(self.num_classes, device=device)).float()
+                per_row = F.binary_cross_entropy_with_logits(
+                    picked[:, AnchorOutput.CLASSES :], one_hot, reduction="none"
+                ).mean(dim=1)
+                cls = cls + torch.where(valid, per_row, 0.0).sum() / count
+            points = picked[:, AnchorOutput.LANDMARKS] * t.anchor_wh.repeat(1, NUM_LANDMARKS)
+            mask = t.landmark_mask
+            point_loss = wing_loss(points, t.landmarks, cfg.wing_width, cfg.wing_curvature)
+            landmark = landmark + torch.where(mask, point_loss, 0.0).sum() / mask.sum().clamp(min=1)
             obj_loss = F.binary_cross_entropy_with_logits(pred[..., AnchorOutput.OBJ], obj_target)
             obj = obj + obj_loss * self.balance[level]
         scale = REFERENCE_LEVELS / len(raw)

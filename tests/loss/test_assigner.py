@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
-from adyolo.loss.assigner import assign
+from adyolo.loss.assigner import LevelTargets, assign
 from adyolo.model.config import DEFAULT_ANCHORS
 
 ANCHORS = torch.tensor(DEFAULT_ANCHORS, dtype=torch.float32).view(4, 3, 2)
@@ -17,12 +19,17 @@ def face(cx, cy, w, h, image=0, points=None):
     return torch.tensor([[image, 0, cx, cy, w, h, *points]], dtype=torch.float32)
 
 
+def assigned(levels):
+    """The rows of each level that are assignments (`valid`); the others are masked candidates."""
+    return [LevelTargets(**{f.name: getattr(lv, f.name)[lv.valid] for f in fields(lv)}) for lv in levels]
+
+
 def pairs(level):
     return sorted(zip(level.anchor.tolist(), level.cell_x.tolist(), level.cell_y.tolist()))
 
 
 def test_anchors_and_cells_of_a_10px_face():
-    levels = assign(face(21, 31, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0)
+    levels = assigned(assign(face(21, 31, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0))
     # Stride 4: centre (5.25, 7.75) in cell (5, 7); x is near the left edge -> cell (4, 7) too,
     # y near the bottom edge -> cell (5, 8). Size 2.5 cells fits all three P2 anchors
     # (1.5x1.75, 2.25x2.75, 3.25x4 cells: every ratio below 4).
@@ -35,7 +42,7 @@ def test_anchors_and_cells_of_a_10px_face():
 
 
 def test_regression_targets_are_relative_to_the_cell():
-    level = assign(face(21, 31, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0)[0]
+    level = assigned(assign(face(21, 31, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0))[0]
     centre = (level.cell_x == 5) & (level.cell_y == 7) & (level.anchor == 0)
     torch.testing.assert_close(level.box[centre][0], torch.tensor([0.25, 0.75, 2.5, 2.5]))
     torch.testing.assert_close(level.anchor_wh[centre][0], torch.tensor([1.5, 1.75]))
@@ -47,21 +54,29 @@ def test_regression_targets_are_relative_to_the_cell():
 
 def test_missing_landmarks_are_masked_per_point():
     points = [10, 10, -1, -1, 20, 20, -1, -1, 30, 30]
-    level = assign(face(21, 31, 10, 10, points=points), ANCHORS, STRIDES, GRIDS, anchor_t=4.0)[0]
+    level = assigned(assign(face(21, 31, 10, 10, points=points), ANCHORS, STRIDES, GRIDS, anchor_t=4.0))[0]
     expected = torch.tensor([True, True, False, False, True, True, False, False, True, True])
     assert (level.landmark_mask == expected).all()
 
 
 def test_faces_of_several_images_and_no_faces():
     targets = torch.cat([face(21, 31, 10, 10, image=0), face(40, 40, 12, 14, image=3)])
-    level = assign(targets, ANCHORS, STRIDES, GRIDS, anchor_t=4.0)[0]
+    level = assigned(assign(targets, ANCHORS, STRIDES, GRIDS, anchor_t=4.0))[0]
     assert set(level.image.tolist()) == {0, 3}
-    empty = assign(torch.zeros(0, 16), ANCHORS, STRIDES, GRIDS, anchor_t=4.0)
+    empty = assigned(assign(torch.zeros(0, 16), ANCHORS, STRIDES, GRIDS, anchor_t=4.0))
     assert all(len(lv.image) == 0 for lv in empty)
 
 
 def test_no_neighbour_outside_the_grid():
     # Centre (0.5, 0.5) px at stride 4 is in cell (0, 0) near its left/top edges, but there is no cell -1.
-    level = assign(face(2, 2, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0)[0]
+    level = assigned(assign(face(2, 2, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0))[0]
     assert level.cell_x.min() >= 0 and level.cell_y.min() >= 0
     assert set(zip(level.cell_x.tolist(), level.cell_y.tolist())) == {(0, 0)}
+
+
+def test_shapes_do_not_depend_on_the_data():
+    # 1 face x 3 anchors x 5 cells per level whether it fits there or not; invalid rows stay indexable.
+    for level, (grid_h, grid_w) in zip(assign(face(2, 2, 10, 10), ANCHORS, STRIDES, GRIDS, anchor_t=4.0), GRIDS):
+        assert level.valid.shape == (15,) and level.box.shape == (15, 4) and level.landmark_mask.shape == (15, 10)
+        assert 0 <= level.cell_x.min() and level.cell_x.max() < grid_w and level.cell_y.max() < grid_h
+        assert not level.landmark_mask[~level.valid].any() and torch.isfinite(level.box).all()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torchvision.ops import box_convert, complete_box_iou_loss
 
 from adyolo.data.dataset import FaceDataset, build_loader, list_images
 from adyolo.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
 from adyolo.loss.config import LossConfig
 from adyolo.loss.criterion import DetectionLoss
+from adyolo.loss.terms import ciou_loss
 from adyolo.model import build_model
 from adyolo.schema import ConfigError
 
@@ -50,6 +53,41 @@ def test_every_term_reaches_all_four_heads():  # the GD detector
         grad = conv.weight.grad.view(3, 16, -1)
         assert grad[:, :4].abs().sum() > 0, f"no box gradient at level {level}"
         assert grad[:, 5:15].abs().sum() > 0, f"no landmark gradient at level {level}"
+
+
+def test_no_data_dependent_shape_or_host_sync():
+    # FakeTensorMode carries shapes without values: `nonzero`, boolean-mask indexing and `.item()`
+    # raise there, so a loss that runs through it asks the device for nothing before the step ends.
+    _, loss_fn = make(num_classes=3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        raw = [torch.randn(2, 3, side, side, 18, requires_grad=True) for side in (32, 16, 8, 4)]
+        targets = torch.rand(7, 16) * 100
+        losses = loss_fn(raw, targets)
+        losses["total"].backward()
+        assert all(p.grad.shape == p.shape for p in raw)
+
+
+def test_ciou_equals_torchvision_without_its_mask_indexing():
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.cat([torch.rand(500, 2, generator=gen) * 8, torch.rand(500, 2, generator=gen) * 3 + 0.1], 1)
+    target = torch.cat([torch.rand(500, 2, generator=gen) * 8, torch.rand(500, 2, generator=gen) * 3 + 0.1], 1)
+    ours_in, theirs_in = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    ours = ciou_loss(ours_in, target)
+    theirs = complete_box_iou_loss(box_convert(theirs_in, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"))
+    assert (ours > 1).any() and (ours < 1).any()  # pairs apart and pairs overlapping
+    torch.testing.assert_close(ours, theirs)
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+
+
+def test_a_zero_width_face_gives_finite_gradients():
+    # Never an assignment (no anchor ratio fits), but its masked candidates are still computed.
+    net, loss_fn = make(size=256)
+    targets = faces_at_every_level()
+    targets[1, 4] = 0.0
+    loss_fn(net(torch.rand(2, 3, 256, 256)), targets)["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
 def test_class_loss_only_with_several_classes():
