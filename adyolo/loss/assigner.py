@@ -19,12 +19,19 @@ import torch
 
 from adyolo.layout import TargetRow
 
-# Centre cell, then the cell to the left, above, right and below.
-_OFFSETS = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=torch.float32)
 _NEIGHBOUR_MARGIN = 0.5
-# What an invalid candidate regresses to: a unit box mid-cell. A face of zero width never becomes an
-# assignment, but its CIoU would be NaN, and a NaN is not masked by `where` in the backward pass.
-_PLACEHOLDER_BOX = (0.5, 0.5, 1.0, 1.0)
+
+
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell offsets [5, 2]: the centre cell, then the cell to the left, above, right and below; the
+    placeholder box [4] an invalid candidate regresses to: a unit box mid-cell), made on `device`.
+    Built there rather than copied: a host-to-device copy inside the step would make the step wait. A
+    placeholder is needed because a face of zero width, never an assignment, has a NaN CIoU, and `where`
+    does not mask a NaN in the backward pass."""
+    eye = torch.eye(2, device=device)
+    offsets = torch.cat([torch.zeros(1, 2, device=device), eye, -eye])
+    placeholder = torch.cat([torch.full((2,), 0.5, device=device), torch.ones(2, device=device)])
+    return offsets, placeholder
 
 
 @dataclass
@@ -54,7 +61,8 @@ def assign(
     """targets [M, 16] (`TargetRow`: image, class, cx, cy, w, h, 10 landmark coordinates; pixels, -1 = missing),
     anchors_px [L, A, 2], strides [L], grid_shapes [(H, W)] per level -> one LevelTargets per level."""
     device = targets.device
-    offsets = _OFFSETS.to(device)[:, None]  # [5, 1, 2]
+    offsets, placeholder = _constants(device)
+    offsets = offsets[:, None]  # [5, 1, 2]
     num_faces = targets.shape[0]
     image = targets[:, TargetRow.IMAGE].long()
     cls = targets[:, TargetRow.CLASS].long()
@@ -65,7 +73,6 @@ def assign(
         stride = strides[level]
         anchor_wh = anchors_px[level].to(device) / stride  # [A, 2]
         num_anchors = anchor_wh.shape[0]
-        grid_size = torch.tensor([grid_w, grid_h], device=device, dtype=targets.dtype)
         centre = targets[:, TargetRow.CENTRE] / stride  # [M, 2]
         size = targets[:, TargetRow.SIZE] / stride
         ratio = size[None] / anchor_wh[:, None]
@@ -73,7 +80,7 @@ def assign(
 
         # Neighbour cells: the one left (or right) and the one above (or below), whichever edge is near.
         frac = centre % 1
-        inverse = grid_size - centre
+        inverse = torch.stack([grid_w - centre[:, 0], grid_h - centre[:, 1]], dim=1)
         left, up = ((frac < _NEIGHBOUR_MARGIN) & (centre > 1)).T
         right, down = (((inverse % 1) < _NEIGHBOUR_MARGIN) & (inverse > 1)).T
         use = torch.stack([torch.ones_like(left), left, up, right, down])  # [5, M]
@@ -93,7 +100,7 @@ def assign(
                 anchor=torch.arange(num_anchors, device=device).repeat_interleave(5 * num_faces),
                 cell_y=_candidates(num_anchors, cell[..., 1]),
                 cell_x=_candidates(num_anchors, cell[..., 0]),
-                box=torch.where(valid[:, None], _candidates(num_anchors, box), box.new_tensor(_PLACEHOLDER_BOX)),
+                box=torch.where(valid[:, None], _candidates(num_anchors, box), placeholder),
                 anchor_wh=anchor_wh.repeat_interleave(5 * num_faces, dim=0),
                 landmarks=_candidates(num_anchors, landmarks.reshape(5, num_faces, 10)),
                 landmark_mask=_per_face(num_anchors, present) & valid[:, None],
