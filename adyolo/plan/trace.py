@@ -9,8 +9,8 @@ same kernels' shapes as a real CPU step (SDPA's flash kernel for CPU included), 
 tensor memory of a real CPU step; `adyolo.plan.terms` turns it into a GPU prediction.
 
 Fake tensors have shapes but no values. Where the step reads values, `AssumeTheTrainingPath` answers
-for them: every `nonzero` finds every element (each face matches every anchor and neighbour cell, which
-overstates the loss's few index tensors: under 1 % of a step's memory), and every read on the host
+for them: every `nonzero` finds every element (the training step has none since the loss keeps every
+candidate with a mask; a model or loss with one is overstated there, not understated), and every read on the host
 (`.item()`, `bool(tensor)`) gives 1, so the loss and the gradient norm are finite and the step takes the
 path that trains.
 """
