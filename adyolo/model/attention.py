@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adyolo.model.blocks import ConvBN
+from adyolo.model.blocks import ConvBN, batch_norm
 
 AttentionImpl = Literal["sdpa", "explicit"]
 
@@ -65,7 +65,7 @@ class MultiHeadSelfAttention2d(nn.Module):
             raise ValueError(f"{channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
         self.implementation = implementation
-        self.norm = nn.BatchNorm2d(channels)
+        self.norm = batch_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = ConvBN(channels, channels, 1, act=False)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adyolo.model.attention import AttentionImpl, GoldAttention, MultiHeadSelfAttention2d, drop_path
-from adyolo.model.blocks import ConvBN
+from adyolo.model.blocks import ConvBN, batch_norm
 
 
 class SelfAttentionFusion(nn.Module):
@@ -88,7 +88,7 @@ class DepthwiseGatedFusion(nn.Module):
     def __init__(self, channels: int, drop_path_rate: float, expansion: int = 4, reduction: int = 4):
         super().__init__()
         self.drop_path_rate = drop_path_rate
-        self.norm = nn.BatchNorm2d(channels)
+        self.norm = batch_norm(channels)
         self.depthwise = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
         self.act = nn.SiLU()
         self.gate = nn.Sequential(
@@ -102,7 +102,7 @@ class DepthwiseGatedFusion(nn.Module):
             ConvBN(channels, expansion * channels, 1),
             ConvBN(expansion * channels, channels, 1, act=False),
         )
-        self.out_norm = nn.BatchNorm2d(channels)
+        self.out_norm = batch_norm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.depthwise(self.norm(x)))
