@@ -11,14 +11,24 @@ pytestmark = pytest.mark.slow
 
 def test_synthetic_default_reaches_a_high_ap(tmp_path):
     out = tmp_path / "default"
-    # The default config (launch/configs/default.yaml), shortened to 10 epochs, evaluated at the end. Its
-    # memory plan (a cold trace of 1-2 minutes here) is tested elsewhere.
-    overrides = ["epochs=10", "train.eval_interval=10", "log.memory_plan=false"]
+    # The default config (launch/configs/default.yaml) on a budget of 2,400 images: 3 epochs of 800 at
+    # batch 8 (bias warm-up off: AdamW needs none), evaluated at the end. A regression test too: with
+    # PyTorch's BatchNorm settings this run ends at hard AP 0.05 (a few validation images make the
+    # network fire everywhere; see adyolo.model.blocks.batch_norm), with YOLOv5's at 0.74 (2-core Xeon VM,
+    # 2026-12-03). Its memory plan (a cold trace of 1-2 minutes here) is tested elsewhere.
+    overrides = [
+        "epochs=3",
+        "data.synthetic.num_train=800",
+        "train.global_batch=8",
+        "optim.warmup_bias_lr=0",
+        "train.eval_interval=3",
+        "log.memory_plan=false",
+    ]
     command = train_command(out, tmp_path / "synthetic", *overrides, config=None)
     proc = run(command, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, mlrun = mlflow_run(out)
     ap_hard = history(client, mlrun, "val/ap_hard")
-    assert list(ap_hard) == [10] and ap_hard[10] >= 0.5, ap_hard  # validation is charted against the epoch
-    assert mlrun.data.metrics["val/map50"] >= 0.5 and mlrun.data.metrics["best/epoch"] == 10
-    assert (out / "best.pt").exists() and (out / "pictures" / "epoch_010" / "pr_curve.png").exists()
+    assert list(ap_hard) == [3] and ap_hard[3] >= 0.5, ap_hard  # validation is charted against the epoch
+    assert mlrun.data.metrics["val/map50"] >= 0.5 and mlrun.data.metrics["best/epoch"] == 3
+    assert (out / "best.pt").exists() and (out / "pictures" / "epoch_003" / "pr_curve.png").exists()
