@@ -11,6 +11,10 @@ trainer does this when it opens the store, and `launch/ui.py` before it starts t
 The experiment is tagged as model training (`mlflow.experimentKind`), so MLflow 3's UI opens it in
 its training view rather than the GenAI one. Metric values are rounded to 6 significant digits:
 float noise in the 15th digit only makes the UI's tables harder to read.
+
+MLflow is imported where a store is opened, not with this module: its import is about a quarter of a
+training process's start, and only the main process of a run writes (nor need a run refused for bad
+input wait for it).
 """
 
 from __future__ import annotations
@@ -23,9 +27,6 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import mlflow
-import sqlalchemy
 
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer parameter values
 STORE_FILE = "mlflow.db"
@@ -96,6 +97,8 @@ def _set_tracking_uri(uri: str) -> None:
     """mlflow.set_tracking_uri for this process only. MLflow also exports it as $MLFLOW_TRACKING_URI,
     which every later child of this process (a training run started from the same Python process, a
     test's subprocess) would inherit and log into; the environment is put back as it was."""
+    import mlflow
+
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if previous is None:
@@ -105,6 +108,8 @@ def _set_tracking_uri(uri: str) -> None:
 
 
 def _run_exists(run_id: str) -> bool:
+    import mlflow
+
     try:
         mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -135,6 +140,8 @@ class Tracker:
         self._reserve: Path | None = None
         if not enabled:
             return
+        import mlflow
+
         # "Creating initial MLflow database tables..." and the like, on every new store.
         # Its errors (logged with a traceback) also raise to the caller, where `_tolerated` names them.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -169,6 +176,8 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
+            import mlflow
+
             values = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()}
             existing = mlflow.get_run(self.run_id).data.params
             # A resumed run may not change a parameter it already logged.
@@ -176,6 +185,8 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
+            import mlflow
+
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def describe(self, markdown: str) -> None:
@@ -184,16 +195,22 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.enabled:
+            import mlflow
+
             with self._tolerated("metrics"):
                 mlflow.log_metrics({k: rounded(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled:
+            import mlflow
+
             with self._tolerated("an artifact"):
                 mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_artifacts(self, local_dir: str | Path, folder: str | None = None) -> None:
         if self.enabled:
+            import mlflow
+
             with self._tolerated("artifacts"):
                 mlflow.log_artifacts(str(local_dir), artifact_path=folder)
 
@@ -201,6 +218,9 @@ class Tracker:
     def _tolerated(self, what: str):
         """A store that cannot take a write (a full disk, a tracking server gone) costs charts, not the
         run: warned about once, and training goes on (its checkpoints say whether it can)."""
+        import mlflow
+        import sqlalchemy
+
         try:
             yield
         except (OSError, mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as err:
@@ -214,11 +234,15 @@ class Tracker:
         """(step, value) of a metric logged so far in this run, also by the job before a resume."""
         if not self.enabled:
             return []
+        import mlflow
+
         found = mlflow.MlflowClient().get_metric_history(self.run_id, key)
         return sorted((m.step, m.value) for m in found)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
+            import mlflow
+
             if self._reserve is not None:  # room for the last write, should the disk be full
                 self._reserve.unlink(missing_ok=True)
             with self._tolerated(f"the run's end ({status})"):
