@@ -19,9 +19,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from adyolo.config import load_run_config
 from adyolo.data.labels import write_label_file
+from adyolo.failures import RunFailure
+from adyolo.run import build_run
 
-from .runs import ACCELERATE, LEARNABLE, ROOT, TRAIN, environment, history, mlflow_run, run, train_command
+from .runs import ACCELERATE, LEARNABLE, ROOT, TINY, TRAIN, environment, history, mlflow_run, run, train_command
 
 pytestmark = pytest.mark.distributed
 
@@ -91,17 +94,25 @@ def test_exit_codes_survive_the_launcher(synthetic, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_bad_input_stops_before_any_work_with_the_fix(synthetic, tmp_path):
+def test_bad_input_stops_before_any_work_with_the_fix(synthetic, tmp_path, monkeypatch):
+    """Through the command line once (code 2, one line, nothing written); the other inputs in this
+    process: `build_run` refuses them before any process group, the same exception train.py prints."""
     out = tmp_path / "out"
-
-    def fails(*overrides: str, resume: list[str] = (), expect: str) -> None:
-        proc = run(train_command(out, synthetic, *overrides) + list(resume), timeout=120)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        one_line_error(proc, expect)
-        assert not (out / "config.yaml").exists()  # nothing written
-
     good = user_dataset(tmp_path / "good", 6)
-    fails(f"data.train={tmp_path / 'nowhere'}", f"data.val={good}", expect="data.train: ")
+    proc = run(train_command(out, synthetic, f"data.train={tmp_path / 'nowhere'}", f"data.val={good}"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_line_error(proc, "data.train: ")
+    assert not out.exists()  # nothing written
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # build_run sets it on CPU; put back after the test
+
+    def fails(*overrides: str, resume: str | None = None, expect: str) -> None:
+        cfg = load_run_config(TINY, [f"output_dir={out}", f"data.synthetic_root={synthetic}", *overrides])
+        with pytest.raises(RunFailure) as refused:
+            build_run(cfg, resume)
+        assert refused.value.exit_code == 2 and expect in str(refused.value) and "\n" not in str(refused.value)
+        assert not out.exists()
+
     broken = user_dataset(tmp_path / "broken", 6)
     (tmp_path / "broken" / "labels" / "2.txt").write_text("0 0.5 nan 0.2 0.2\n")
     fails(
@@ -127,7 +138,7 @@ def test_bad_input_stops_before_any_work_with_the_fix(synthetic, tmp_path):
         "train.global_batch=8",
         expect="data.train has 6 images, fewer than train.global_batch=8",
     )
-    fails(expect="no checkpoint to resume", resume=["--resume"])
+    fails(expect="no checkpoint to resume", resume="latest")
 
 
 def test_skipped_labels_dropped_boxes_and_unreadable_images_are_counted(tmp_path):
