@@ -1,7 +1,7 @@
 """Portable weights: `best.pt` / `last.pt`, what detection, evaluation and export load.
 
 A weights file holds {"model": the EMA state dict (CPU tensors), "config": the resolved run config,
-plus epoch / step / best fitness}, never a pickled module: `load_weights` rebuilds the detector from
+"batch_norm_eps", plus epoch / step / best fitness}, never a pickled module: `load_weights` rebuilds the detector from
 the config's model section, with neither DeepSpeed nor accelerate, and names what is wrong with a
 file before building anything large.
 """
@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from adyolo.model import build_model
+from adyolo.model.blocks import BN_EPS
 from adyolo.schema import ConfigError
+
+# BatchNorm's eps is not in a state dict. Files written before it became YOLOv5's 1e-3 (2026-12-03)
+# hold no "batch_norm_eps" and were trained with PyTorch's 1e-5: they load with that, unchanged.
+BN_EPS_KEY, LEGACY_BN_EPS = "batch_norm_eps", 1e-5
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict, **extra: Any) -> None:
@@ -23,7 +28,8 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "config": config, **extra}
+    payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "config": config, BN_EPS_KEY: BN_EPS}
+    payload.update(extra)
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
@@ -47,6 +53,10 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"):
         raise WeightsError(f"{path}: its saved config is not valid for this version of adyolo ({err})") from None
     _check_state_dict(path, payload["model"], model.state_dict())
     model.load_state_dict(payload["model"])
+    eps = float(payload.get(BN_EPS_KEY, LEGACY_BN_EPS))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = eps
     return model.to(device).eval(), payload["config"]
 
 

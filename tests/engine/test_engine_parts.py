@@ -164,6 +164,22 @@ def test_portable_weights_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v)
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed into place
 
+    # A file from before BatchNorm took eps 1e-3 holds no eps: it loads with the 1e-5 it was trained
+    # with, and gives what a model built with that eps gives.
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert payload.pop("batch_norm_eps") == 1e-3
+    torch.save(payload, tmp_path / "old.pt")
+    old, _ = load_weights(tmp_path / "old.pt")
+    norms = [m for m in old.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-5 for m in norms)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-5
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(old(x), model.eval()(x)))
+        assert not all(torch.equal(a, b) for a, b in zip(loaded(x), old(x)))
+
 
 def test_memory_metrics_one_section_per_kind_with_every_rank():
     nan = float("nan")
