@@ -1,9 +1,9 @@
 """Portable weights: `best.pt` / `last.pt`, what detection, evaluation and export load.
 
 A weights file holds {"model": the EMA state dict (CPU tensors), "config": the resolved run config,
-"batch_norm_eps", plus epoch / step / best fitness}, never a pickled module: `load_weights` rebuilds the detector from
-the config's model section, with neither DeepSpeed nor accelerate, and names what is wrong with a
-file before building anything large.
+"batch_norm_eps", plus epoch / step / best fitness}, never a pickled module: `load_weights` rebuilds
+the detector from the config's model section, with neither DeepSpeed nor accelerate, and names what is
+wrong with a file before building anything large.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ BN_EPS_KEY, LEGACY_BN_EPS = "batch_norm_eps", 1e-5
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict, **extra: Any) -> None:
-    """Atomically write {"model": state_dict (on CPU), "config": resolved run config, **extra}."""
+    """Atomically write {"model": state_dict (on CPU), "config": resolved run config, "batch_norm_eps", **extra}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
