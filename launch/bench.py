@@ -77,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loader", action="store_true", help="also measure the data loader")
     parser.add_argument("--loader-only", action="store_true", help="measure only the data loader")
     parser.add_argument("--workers", default=f"0,{os.cpu_count() // 2},{os.cpu_count()}", help="loader workers")
+    parser.add_argument("--loader-cache", default="off,on", help="loader: without / with data.cache (images in RAM)")
     parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches per worker count")
     parser.add_argument("--data", help="loader: image folder or list (default: the synthetic dataset)")
     parser.add_argument("--profile", action="store_true", help="also trace a few steps per row (torch.profiler)")

@@ -66,7 +66,8 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     for r in rows:  # the TFLOP/s column rests on the model's own fwd+bwd count at the benchmarked size
         model = build_model(ModelConfig(size="n", fusion=r["fusion"], attention=r["attention"].replace("-", "sdpa")))
         assert r["train_gflops_per_image"] == pytest.approx(count_training_gflops(model, 64))
-    assert [r["workers"] for r in saved["loader"]] == [0] and saved["loader"][0]["images_per_s"] > 0
+    assert [(r["workers"], r["cache"]) for r in saved["loader"]] == [(0, False), (0, True)]
+    assert all(r["images_per_s"] > 0 for r in saved["loader"])
 
     report = (out / "bench.md").read_text()
     main_table = report.split("Speed per FLOP:")[0]
@@ -76,7 +77,7 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert "| 2 x 2 x 1 |" in report and "1.00x" in report
     per_rank = report.split("Time per rank")[1].split("Targets:")[0]
     assert per_rank.count("| efficient fp32 ckpt=off z2 b4 |") == 2  # one line per rank
-    assert "loader keeps up" in report and "| loader workers | images/s |" in report
+    assert "loader keeps up" in report and "| loader workers | images in RAM (data.cache) | images/s |" in report
     assert (out / "bench.png").stat().st_size > 10_000
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")

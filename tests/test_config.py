@@ -70,6 +70,7 @@ def test_shipped_model_configs_load():
         ),
         ("model:\n  anchors: [[1, 2, 3]]\n", "model.anchors", 2, ["4 lists of 6 numbers"]),
         ("model:\n  attention_heads: 3\n", "model.attention_heads", 2, ["does not divide the 128"]),
+        ("data:\n  augment:\n    close_mosaic: -1\n", "data.augment.close_mosaic", 3, ["-1 must be 0 or more"]),
         ("modle:\n  size: s\n", "modle", 1, ["unknown key", "did you mean 'model'"]),
         (
             "model:\n  neck: yolov5face\n  anchors: [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]\n",

@@ -12,20 +12,25 @@ from adyolo.data.synthetic import ensure_synthetic_dataset
 LOADER_BATCH = 16
 
 
-def bench_loader(workers: list[int], img: int, batches: int, data: str | None, batch: int = LOADER_BATCH) -> list[dict]:
-    """[{"workers", "images_per_s"}] for each worker count, timed after one warm-up batch (worker start-up
-    is not throughput), on `data` (a folder or list of images; default: the synthetic training split)."""
+def bench_loader(
+    workers: list[int], cache: list[bool], img: int, batches: int, data: str | None, batch: int = LOADER_BATCH
+) -> list[dict]:
+    """[{"workers", "cache", "images_per_s"}] for each image cache setting (`data.cache`) and worker count,
+    timed after one warm-up batch (worker start-up is not throughput), on `data` (a folder or list of
+    images; default: the synthetic training split). Filling the cache is not timed either."""
     cfg = DataConfig()
     source = data or ensure_synthetic_dataset(cfg.synthetic_root, cfg.synthetic)["train"]
-    dataset = FaceDataset(list_images(source), img, cfg.augment)
     rows = []
-    for num_workers in workers:
-        loader = build_loader(dataset, batch, shuffle=True, workers=num_workers, seed=0)
-        stream = (b for _ in itertools.count() for b in loader)  # epoch after epoch, like training
-        next(stream)
-        start, images = time.perf_counter(), 0
-        for _ in range(batches):
-            images += len(next(stream)["images"])
-        rows.append({"workers": num_workers, "images_per_s": images / (time.perf_counter() - start)})
-        del stream, loader
+    for cached in cache:
+        dataset = FaceDataset(list_images(source), img, cfg.augment, cache=cached)
+        for num_workers in workers:
+            loader = build_loader(dataset, batch, shuffle=True, workers=num_workers, seed=0)
+            stream = (b for _ in itertools.count() for b in loader)  # epoch after epoch, like training
+            next(stream)
+            start, images = time.perf_counter(), 0
+            for _ in range(batches):
+                images += len(next(stream)["images"])
+            seconds = time.perf_counter() - start
+            rows.append({"workers": num_workers, "cache": cached, "images_per_s": images / seconds})
+            del stream, loader
     return rows

@@ -54,6 +54,7 @@ class BenchSettings:
     loader: bool = False
     loader_only: bool = False
     workers: str = "0"
+    loader_cache: str = "off,on"  # without / with data.cache (decoded, resized images in RAM)
     loader_batches: int = 20
     data: str | None = None
     profile: bool = False  # also trace a few steps of each row (torch.profiler)
@@ -101,7 +102,8 @@ def run_benchmark(settings: BenchSettings) -> Path:
     loader = []
     if settings.loader or settings.loader_only:
         workers = [int(w) for w in settings.workers.split(",") if w]
-        loader = bench_loader(workers, settings.img, settings.loader_batches, settings.data)
+        cache = [c == "on" for c in settings.loader_cache.split(",") if c]
+        loader = bench_loader(workers, cache, settings.img, settings.loader_batches, settings.data)
         meta["loader_setup"] = (
             f"Data loader: {settings.img} px, batch {LOADER_BATCH}, mosaic + affine + HSV + flip, {os.cpu_count()} CPUs"
         )

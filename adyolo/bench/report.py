@@ -97,8 +97,9 @@ def rank_table(rows: list[dict]) -> str:
 
 
 def loader_table(rows: list[dict]) -> str:
-    lines = ["| loader workers | images/s |", "|---|---|"]
-    return "\n".join(lines + [f"| {r['workers']} | {r['images_per_s']:.0f} |" for r in rows]) + "\n"
+    lines = ["| loader workers | images in RAM (data.cache) | images/s |", "|---|---|---|"]
+    cells = [f"| {r['workers']} | {'yes' if r.get('cache') else 'no'} | {r['images_per_s']:.0f} |" for r in rows]
+    return "\n".join(lines + cells) + "\n"
 
 
 def _same_but(row: dict, other: dict, *keys: str) -> bool:
@@ -239,7 +240,8 @@ def log_to_mlflow(
                     metrics[f"{name}/rank{rank}/comm_ms_per_step"] = mem["comm_ms_per_step"]
         else:
             metrics[f"{name}/oom"] = float("oom" in r)
-    metrics.update({f"loader/workers{r['workers']}/images_per_s": r["images_per_s"] for r in loader})
+    for r in loader:
+        metrics[f"loader/workers{r['workers']}{'/cache' if r.get('cache') else ''}/images_per_s"] = r["images_per_s"]
     for r in inference:
         metrics[f"inference/{r['model']}/images_per_s"] = r["images_per_s"]
         metrics[f"inference/{r['model']}/folded_images_per_s"] = r["folded_images_per_s"]

@@ -21,6 +21,10 @@ class DataConfig:
     """Where the synthetic dataset is generated (once; reused while its settings are unchanged)."""
     workers: int = 4
     """DataLoader worker processes per rank (0: load in the training process)."""
+    cache: bool = False
+    """Decode and resize every image once, into RAM, at the start (each process holds its own copy,
+    shared by its loader workers; at most images x img_size^2 x 3 bytes: 79 MB for the 400 + 100 images of
+    the synthetic default at 256 px, 16 GB for WIDER FACE's 12,880 + 3,226 at 640 px)."""
     skip_bad_labels: bool = False
     """Skip and count malformed label lines instead of stopping with file:line."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -16,10 +16,14 @@ runs reproducible.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import Dataset
 
@@ -61,6 +65,15 @@ def list_images(source: str | Path) -> list[Path]:
     return images
 
 
+class Resized(NamedTuple):
+    """An image resized to long side `img_size` (BGR uint8 [h, w, 3]), its faces in those pixels, and
+    ratio = resized / original size."""
+
+    image: np.ndarray
+    faces: Faces
+    ratio: float
+
+
 class FaceDataset(Dataset):
     def __init__(
         self,
@@ -69,12 +82,14 @@ class FaceDataset(Dataset):
         augment: AugmentConfig | None = None,
         skip_bad_labels: bool = False,
         seed: int = 0,
+        cache: bool = False,
     ):
         self.image_paths = [Path(p) for p in image_paths]
         self.img_size = img_size
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.epochs: int | None = None  # the run's length, for augment.close_mosaic
         # All labels are read up front: a malformed line stops the run before any training step, and
         # what was dropped is counted for the run's start (`summary`).
         self.labels: list[np.ndarray] = []
@@ -91,6 +106,16 @@ class FaceDataset(Dataset):
             self.dropped_boxes += int((~keep).sum())
         self.faces = sum(len(labels) for labels in self.labels)
         self._warned: set[Path] = set()
+        # Every image decoded and resized once (a mosaic reads four per sample, and decoding + resizing
+        # was over half of a sample's time). Built here, in the main process, so that forked loader
+        # workers share it instead of each filling its own copy every epoch.
+        self._cache: list[Resized | None] | None = None
+        if cache:
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # OpenCV releases the GIL
+                self._cache = list(pool.map(self._load, range(len(self))))
+            for entry in self._cache:
+                if entry is not None:  # shared by every sample: augmentation must copy, never write
+                    entry.image.flags.writeable = False
 
     def summary(self) -> str:
         """What was read, and what was dropped: e.g. `16 images, 16 label files, 41 faces`."""
@@ -104,25 +129,40 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw new augmentations; call before creating the epoch's DataLoader iterator."""
+    def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
+        """Draw new augmentations; call before creating the epoch's DataLoader iterator. Once told the
+        run's length `epochs`, the last `augment.close_mosaic` epochs build no mosaics. (Accelerate's
+        prepared loader calls this again with the epoch alone as it starts iterating; the length stays.)"""
         self.epoch = epoch
+        if epochs is not None:
+            self.epochs = epochs
+
+    def mosaic_probability(self) -> float:
+        """This epoch's chance of a mosaic sample: 0 without augmentation and in the closing epochs."""
+        if self.augment is None:
+            return 0.0
+        if self.epochs is not None and self.epoch >= self.epochs - self.augment.close_mosaic:
+            return 0.0
+        return self.augment.mosaic
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         size = self.img_size
-        if self.augment is not None and rng.random() < self.augment.mosaic:
+        # The draw is made in every epoch, mosaic or not, so that closing mosaic changes nothing else.
+        if self.augment is not None and rng.random() < self.mosaic_probability():
             tiles, skipped = [], []
             for i in [index, *rng.integers(0, len(self), 3)]:
-                image, faces, path, bad = self._read(int(i))
-                tiles.append(resize_long_side(image, faces, size))
+                loaded, _, bad = self._read(int(i))
+                tiles.append((loaded.image, loaded.faces))
                 skipped += bad
             image, faces = mosaic(tiles, rng, self.augment, size)
             path = self.image_paths[index]
             letterbox_info = (1.0, 0.0, 0.0)
         else:
-            image, faces, path, skipped = self._read(index)
-            image, faces, letterbox_info = letterbox(image, faces, size)
+            loaded, path, skipped = self._read(index)
+            # The image is resized already: letterbox only pads; the ratio is the resize's.
+            image, faces, (_, pad_x, pad_y) = letterbox(loaded.image, loaded.faces, size)
+            letterbox_info = (loaded.ratio, pad_x, pad_y)
             if self.augment is not None:
                 image, faces = random_affine(image, faces, rng, self.augment, (size, size))
         if self.augment is not None:
@@ -138,24 +178,33 @@ class FaceDataset(Dataset):
             "path": str(path),
         }
 
-    def _read(self, index: int) -> tuple[np.ndarray, Faces, Path, list[int]]:
-        """Image `index` and its faces, and the indices of unreadable images met on the way: an
-        unreadable image (missing, empty, corrupt, a truncated JPEG) is replaced by the next readable one."""
+    def _load(self, index: int) -> Resized | None:
+        """Image `index` resized to long side `img_size` with its faces, or None when unreadable."""
+        image = read_image(self.image_paths[index])
+        if image is None:
+            return None
+        h, w = image.shape[:2]
+        # Boxes that reach outside the image are clipped; those left smaller than a pixel dropped.
+        faces = Faces.from_labels(self.labels[index], w, h).clipped(w, h, min_size=1.0)
+        resized, faces = resize_long_side(image, faces, self.img_size)
+        return Resized(resized, faces, resized.shape[1] / w)
+
+    def _read(self, index: int) -> tuple[Resized, Path, list[int]]:
+        """Image `index` (resized, with its faces), its path, and the indices of unreadable images met on
+        the way: an unreadable image (missing, empty, corrupt, a truncated JPEG) is replaced by the next
+        readable one."""
         bad = []
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             path = self.image_paths[i]
-            image = read_image(path)
-            if image is None:
+            loaded = self._cache[i] if self._cache is not None else self._load(i)
+            if loaded is None:
                 bad.append(i)
                 if path not in self._warned:
                     self._warned.add(path)
                     logger.warning("skipping unreadable image %s (missing, empty, corrupt or truncated)", path)
                 continue
-            h, w = image.shape[:2]
-            # Boxes that reach outside the image are clipped; those left smaller than a pixel dropped.
-            faces = Faces.from_labels(self.labels[i], w, h).clipped(w, h, min_size=1.0)
-            return image, faces, path, bad
+            return loaded, path, bad
         raise RuntimeError(f"none of the {len(self)} images can be read (first: {self.image_paths[0]})")
 
 
@@ -213,16 +262,33 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDatas
         sources = {"train": splits["train"], "val": splits["val"]}
     else:
         sources = {"train": cfg.train, "val": cfg.val}
-    datasets = []
+    images = {}
     for split, source in sources.items():
         try:
-            images = list_images(source)
-            datasets.append(
-                FaceDataset(images, img_size, cfg.augment if split == "train" else None, cfg.skip_bad_labels, seed)
-            )
-        except (FileNotFoundError, LabelError) as err:
+            images[split] = list_images(source)
+        except FileNotFoundError as err:
+            raise InputError(f"data.{split}: {err}") from None
+    if cfg.cache:
+        check_cache_fits(sum(map(len, images.values())), img_size)
+    datasets = []
+    for split, paths in images.items():
+        augment = cfg.augment if split == "train" else None
+        try:
+            datasets.append(FaceDataset(paths, img_size, augment, cfg.skip_bad_labels, seed, cfg.cache))
+        except LabelError as err:
             raise InputError(f"data.{split}: {err}") from None
     return datasets[0], datasets[1]
+
+
+def check_cache_fits(images: int, img_size: int) -> None:
+    """Stop (`InputError`) before caching images that could not fit in the RAM available now."""
+    need = images * img_size * img_size * 3  # the most: every image's long side is img_size
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise InputError(
+            f"data.cache: {images} images at {img_size} px may need {need / 2**30:.1f} GiB of RAM and "
+            f"{available / 2**30:.1f} GiB are available; set data.cache=false (images are then read as needed)"
+        )
 
 
 def check_datasets(train: FaceDataset, val: FaceDataset, global_batch: int) -> None:

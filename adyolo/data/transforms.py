@@ -23,6 +23,9 @@ PAD_VALUE = 114  # YOLO's grey, for letterbox borders and the mosaic canvas
 class AugmentConfig:
     mosaic: float = 1.0
     """Probability of building a training sample from 4 images."""
+    close_mosaic: int = 0
+    """Train the last this many epochs without mosaic (YOLOX, YOLOv8): the final epochs see whole
+    letterboxed images, as validation does."""
     degrees: float = 0.0
     """Rotation range (+/- degrees)."""
     translate: float = 0.1
@@ -42,6 +45,8 @@ class AugmentConfig:
         for key in ("mosaic", "fliplr"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(key, f"{getattr(self, key)} is a probability; use a value in [0, 1]")
+        if self.close_mosaic < 0:
+            raise ConfigError("close_mosaic", f"{self.close_mosaic} must be 0 or more (epochs)")
         for key in ("degrees", "translate", "scale", "shear", "hsv_h", "hsv_s", "hsv_v"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"{getattr(self, key)} must not be negative")

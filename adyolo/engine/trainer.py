@@ -159,7 +159,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         parts, state, acc = self.parts, self.parts.state, self.acc
         parts.train_loader.set_epoch(state.epoch)
-        parts.train_loader.dataset.set_epoch(state.epoch)
+        parts.train_loader.dataset.set_epoch(state.epoch, self.epochs)
         loader = parts.train_loader
         if state.batches_in_epoch:  # resuming mid-epoch: skip what was already trained on
             loader = acc.skip_first_batches(parts.train_loader, state.batches_in_epoch)

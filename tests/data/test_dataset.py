@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from adyolo.data.batch import collate
-from adyolo.data.dataset import FaceDataset, build_loader, list_images
+from adyolo.data.dataset import FaceDataset, build_loader, check_cache_fits, list_images
 from adyolo.data.labels import LabelError, label_path_for, read_label_file
 from adyolo.data.synthetic import SyntheticConfig, ensure_synthetic_dataset, render_image
 from adyolo.data.transforms import AugmentConfig
+from adyolo.failures import InputError
 
 SMALL = SyntheticConfig(num_train=12, num_val=4, image_size=128, max_face=48)
 
@@ -50,6 +51,61 @@ def test_samples_are_reproducible_per_index_and_epoch(synthetic):
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["targets"], b["targets"])
     ds.set_epoch(1)
     assert not torch.equal(ds[5]["image"], a["image"])
+
+
+def test_close_mosaic_trains_the_last_epochs_on_whole_images(synthetic):
+    images = list_images(synthetic["train"])
+    closing = FaceDataset(images, 96, AugmentConfig(close_mosaic=2), seed=1)
+    always = FaceDataset(images, 96, AugmentConfig(), seed=1)
+    for epoch in range(5):
+        closing.set_epoch(epoch, epochs=5)
+        closing.set_epoch(epoch)  # as Accelerate's prepared loader does when it starts iterating
+        always.set_epoch(epoch, epochs=5)
+        # A mosaic's sample has no letterbox of its own: (1, 0, 0).
+        mosaics = [closing[i]["letterbox"] == (1.0, 0.0, 0.0) for i in range(len(closing))]
+        if epoch < 3:  # before the last two epochs nothing differs from a run without close_mosaic
+            assert all(mosaics)
+            assert all(torch.equal(closing[i]["image"], always[i]["image"]) for i in range(len(closing)))
+        else:
+            assert not any(mosaics)
+            assert all(always[i]["letterbox"] == (1.0, 0.0, 0.0) for i in range(len(always)))
+    unknown_length = FaceDataset(images, 96, AugmentConfig(close_mosaic=2), seed=1)
+    unknown_length.set_epoch(4)  # e.g. the loader benchmark: mosaic stays on
+    assert unknown_length[0]["letterbox"] == (1.0, 0.0, 0.0)
+
+
+def test_cached_images_give_the_same_samples(synthetic, tmp_path):
+    images = list_images(synthetic["train"])
+    for augment in (AugmentConfig(), AugmentConfig(mosaic=0.0), None):  # mosaics, single images, validation
+        plain = FaceDataset(images, 96, augment, seed=2)
+        cached = FaceDataset(images, 96, augment, seed=2, cache=True)
+        for epoch in range(2):
+            plain.set_epoch(epoch)
+            cached.set_epoch(epoch)
+            for i in range(len(plain)):
+                a, b = plain[i], cached[i]
+                assert torch.equal(a["image"], b["image"]) and torch.equal(a["targets"], b["targets"])
+                assert a["letterbox"] == b["letterbox"]
+    # The cache is read-only: an augmentation that wrote into it would change later samples.
+    assert not cached._cache[0].image.flags.writeable
+    # Read at the start: a file deleted later does not matter.
+    copies = tmp_path / "images"
+    copies.mkdir()
+    for path in images[:4]:
+        (copies / path.name).write_bytes(path.read_bytes())
+        (tmp_path / "labels").mkdir(exist_ok=True)
+        (tmp_path / "labels" / f"{path.stem}.txt").write_bytes(label_path_for(path).read_bytes())
+    cached = FaceDataset(list_images(copies), 96, seed=2, cache=True)
+    expected = cached[1]["image"]
+    next(copies.glob("*")).unlink()
+    assert torch.equal(cached[1]["image"], expected) and not cached[0]["skipped"]
+
+
+def test_a_cache_larger_than_the_free_ram_stops_before_reading():
+    need = r"^data.cache: 10000000 images at 640 px may need 11444.1 GiB .* set data.cache=false"
+    with pytest.raises(InputError, match=need):
+        check_cache_fits(10_000_000, 640)
+    check_cache_fits(100, 64)
 
 
 def test_loader_batches_are_the_same_with_or_without_workers(synthetic):
