@@ -207,7 +207,12 @@ def data_params(train_set, val_set) -> dict[str, int]:
 def precision_text(train, precision: str) -> str:
     """The precision and memory format, and why where `auto` chose: "bf16 autocast (auto: ...), channels_last"."""
     text = "bf16 autocast" if precision == "bf16" else "fp32"
-    if precision == "fp32" and not torch.cuda.is_available() and cpu_has_bf16():
+    if train.precision == "auto" and not torch.cuda.is_available():
+        if precision == "bf16":
+            text += " (auto: this CPU has native bf16; train.precision=fp32 for fp32)"
+        else:
+            text += " (auto: this CPU has no native bf16)"
+    elif precision == "fp32" and not torch.cuda.is_available() and cpu_has_bf16():
         text += " (this CPU has native bf16: train.precision=bf16 trains faster)"
     return text + (", channels_last" if train.channels_last is True else "")
 

@@ -56,9 +56,9 @@ class TrainConfig:
     rest is held back for what a bare step on one GPU does not allocate (DDP buckets, ZeRO buffers,
     pinned batches, fragmentation)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA, fp32 on CPU (bf16 on a
-    CPU with native bf16 is faster; README, Measured); under DeepSpeed the JSON's choice, which an explicit
-    value must agree with."""
+    """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA and on a CPU with native
+    bf16 (AVX512-BF16 or AMX, where it is faster; README, Measured), fp32 on other CPUs; under DeepSpeed the
+    JSON's choice, which an explicit value must agree with."""
     ema_decay: float = 0.9999
     """Weight EMA decay, ramped up as 1 - exp(-updates / ema_ramp) (YOLOv5)."""
     ema_ramp: float = 2000.0

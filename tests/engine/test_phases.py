@@ -11,6 +11,7 @@ import torch
 from adyolo.engine.accelerator import resolve_channels_last, resolve_precision
 from adyolo.engine.config import TrainConfig
 from adyolo.engine.phases import PHASES, PhaseTimes, format_breakdown
+from adyolo.run import precision_text
 from adyolo.schema import ConfigError
 
 
@@ -54,13 +55,22 @@ def test_disabled_times_nothing():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_and_memory_format_on_cpu(monkeypatch, native):
-    """auto is fp32 (contiguous) on a CPU, with native bf16 or without; bf16 asked for runs channels_last."""
+    """auto is bf16 (channels_last) on a CPU with native bf16, fp32 (contiguous) on one without; an explicit
+    precision is kept either way; bf16 asked for runs channels_last."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("adyolo.engine.accelerator.cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("adyolo.run.cpu_has_bf16", lambda: native)
     train = TrainConfig()
     precision = resolve_precision(train, None, None)
-    assert precision == "fp32" and resolve_channels_last(train, precision).channels_last is False
+    assert precision == ("bf16" if native else "fp32")
+    assert resolve_channels_last(train, precision).channels_last is native
+    assert precision_text(resolve_channels_last(train, precision), precision) == (
+        "bf16 autocast (auto: this CPU has native bf16; train.precision=fp32 for fp32), channels_last"
+        if native
+        else "fp32 (auto: this CPU has no native bf16)"
+    )
     assert resolve_precision(TrainConfig(precision="bf16"), None, None) == "bf16"
+    assert resolve_precision(TrainConfig(precision="fp32"), None, None) == "fp32"
     assert resolve_channels_last(train, "bf16").channels_last is True
     assert resolve_channels_last(TrainConfig(channels_last=False), "bf16").channels_last is False
     # DeepSpeed flattens the parameters: auto is off under it, and true is refused before any work.
