@@ -48,11 +48,15 @@ def train_command(
     config: Path | None = TINY,
 ) -> list[str]:
     """The command of a run; `config=None` uses train.py's own default (the embedded default)."""
+    # The tiny runs' figures and tolerances are fp32's, where `auto` would pick bf16 on a CPU with native
+    # bf16; a DeepSpeed run takes its JSON's precision, and a test's own override comes later and wins.
+    fp32 = ["train.precision=fp32"] if config == TINY and launcher in (None, "ddp") else []
     args = [
         str(TRAIN),
         *(["--config", str(config)] if config else []),
         f"output_dir={out}",
         f"data.synthetic_root={synthetic}",
+        *fp32,
         *overrides,
     ]
     if launcher is None:
