@@ -91,7 +91,8 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
             clear_previous_run(cfg.output_dir)
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         print(yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None), end="")
-    accelerator.print(f"{split}; {precision_text(cfg.train, precision)}; {distribution(accelerator, zero_stage)}")
+    how = precision_text(cfg.train, precision, deepspeed=zero_stage > 0)
+    accelerator.print(f"{split}; {how}; {distribution(accelerator, zero_stage)}")
     phases = PhaseTimes(accelerator.device, cfg.log.phase_times, started)
 
     # Data: the main process generates the synthetic default (if needed) before the others read it.
@@ -204,16 +205,15 @@ def data_params(train_set, val_set) -> dict[str, int]:
     return params
 
 
-def precision_text(train, precision: str) -> str:
+def precision_text(train, precision: str, deepspeed: bool = False) -> str:
     """The precision and memory format, and why where `auto` chose: "bf16 autocast (auto: ...), channels_last"."""
     text = "bf16 autocast" if precision == "bf16" else "fp32"
-    if train.precision == "auto" and not torch.cuda.is_available():
-        if precision == "bf16":
-            text += " (auto: this CPU has native bf16; train.precision=fp32 for fp32)"
-        else:
-            text += " (auto: this CPU has no native bf16)"
-    elif precision == "fp32" and not torch.cuda.is_available() and cpu_has_bf16():
-        text += " (this CPU has native bf16: train.precision=bf16 trains faster)"
+    if not torch.cuda.is_available() and not deepspeed:  # under DeepSpeed the precision is its JSON's
+        if train.precision == "auto":
+            why = "native bf16; train.precision=fp32 for fp32" if precision == "bf16" else "no native bf16"
+            text += f" (auto: this CPU has {why})"
+        elif precision == "fp32" and cpu_has_bf16():
+            text += " (this CPU has native bf16: train.precision=bf16 trains faster)"
     return text + (", channels_last" if train.channels_last is True else "")
 
 

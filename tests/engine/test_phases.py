@@ -69,6 +69,7 @@ def test_auto_precision_and_memory_format_on_cpu(monkeypatch, native):
         if native
         else "fp32 (auto: this CPU has no native bf16)"
     )
+    assert precision_text(train, "bf16", deepspeed=True) == "bf16 autocast"  # the JSON's choice, not the CPU's
     assert resolve_precision(TrainConfig(precision="bf16"), None, None) == "bf16"
     assert resolve_precision(TrainConfig(precision="fp32"), None, None) == "fp32"
     assert resolve_channels_last(train, "bf16").channels_last is True
