@@ -101,6 +101,9 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
             datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
     train_set, val_set = datasets
     accelerator.print(f"data: train {train_set.summary()}; val {val_set.summary()}")
+    if cfg.data.cache:  # here, after every check: it reads every image (its size was checked with the data)
+        for dataset in datasets:
+            dataset.cache_images()
     train_loader = build_loader(train_set, split.micro_batch, True, cfg.data.workers, cfg.train.seed, drop_last=True)
     val_loader = build_loader(val_set, split.micro_batch, False, cfg.data.workers, cfg.train.seed)
 

@@ -20,9 +20,11 @@ def bench_loader(
     images; default: the synthetic training split). Filling the cache is not timed either."""
     cfg = DataConfig()
     source = data or ensure_synthetic_dataset(cfg.synthetic_root, cfg.synthetic)["train"]
-    rows = []
+    paths, rows = list_images(source), []
     for cached in cache:
-        dataset = FaceDataset(list_images(source), img, cfg.augment, cache=cached)
+        dataset = FaceDataset(paths, img, cfg.augment)
+        if cached:
+            dataset.cache_images()
         for num_workers in workers:
             loader = build_loader(dataset, batch, shuffle=True, workers=num_workers, seed=0)
             stream = (b for _ in itertools.count() for b in loader)  # epoch after epoch, like training

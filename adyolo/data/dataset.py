@@ -82,7 +82,6 @@ class FaceDataset(Dataset):
         augment: AugmentConfig | None = None,
         skip_bad_labels: bool = False,
         seed: int = 0,
-        cache: bool = False,
     ):
         self.image_paths = [Path(p) for p in image_paths]
         self.img_size = img_size
@@ -106,16 +105,19 @@ class FaceDataset(Dataset):
             self.dropped_boxes += int((~keep).sum())
         self.faces = sum(len(labels) for labels in self.labels)
         self._warned: set[Path] = set()
-        # Every image decoded and resized once (a mosaic reads four per sample, and decoding + resizing
-        # was over half of a sample's time). Built here, in the main process, so that forked loader
-        # workers share it instead of each filling its own copy every epoch.
-        self._cache: list[Resized | None] | None = None
-        if cache:
-            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # OpenCV releases the GIL
-                self._cache = list(pool.map(self._load, range(len(self))))
-            for entry in self._cache:
-                if entry is not None:  # shared by every sample: augmentation must copy, never write
-                    entry.image.flags.writeable = False
+        self._cache: list[Resized | None] | None = None  # `cache_images`
+
+    def cache_images(self) -> None:
+        """Decode and resize every image now, once (`data.cache`): a mosaic reads four per sample, and
+        decoding + resizing was over half of a sample's time. Call it in the training process before the
+        loader's workers start, so that they share the cache (fork) instead of each filling its own copy
+        every epoch, and after the run's checks: it reads every image."""
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # OpenCV releases the GIL
+            cache = list(pool.map(self._load, range(len(self))))
+        for entry in cache:
+            if entry is not None:  # shared by every sample: augmentation must copy, never write
+                entry.image.flags.writeable = False
+        self._cache = cache
 
     def summary(self) -> str:
         """What was read, and what was dropped: e.g. `16 images, 16 label files, 41 faces`."""
@@ -274,7 +276,7 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDatas
     for split, paths in images.items():
         augment = cfg.augment if split == "train" else None
         try:
-            datasets.append(FaceDataset(paths, img_size, augment, cfg.skip_bad_labels, seed, cfg.cache))
+            datasets.append(FaceDataset(paths, img_size, augment, cfg.skip_bad_labels, seed))
         except LabelError as err:
             raise InputError(f"data.{split}: {err}") from None
     return datasets[0], datasets[1]

@@ -78,7 +78,8 @@ def test_cached_images_give_the_same_samples(synthetic, tmp_path):
     images = list_images(synthetic["train"])
     for augment in (AugmentConfig(), AugmentConfig(mosaic=0.0), None):  # mosaics, single images, validation
         plain = FaceDataset(images, 96, augment, seed=2)
-        cached = FaceDataset(images, 96, augment, seed=2, cache=True)
+        cached = FaceDataset(images, 96, augment, seed=2)
+        cached.cache_images()
         for epoch in range(2):
             plain.set_epoch(epoch)
             cached.set_epoch(epoch)
@@ -95,7 +96,8 @@ def test_cached_images_give_the_same_samples(synthetic, tmp_path):
         (copies / path.name).write_bytes(path.read_bytes())
         (tmp_path / "labels").mkdir(exist_ok=True)
         (tmp_path / "labels" / f"{path.stem}.txt").write_bytes(label_path_for(path).read_bytes())
-    cached = FaceDataset(list_images(copies), 96, seed=2, cache=True)
+    cached = FaceDataset(list_images(copies), 96, seed=2)
+    cached.cache_images()
     expected = cached[1]["image"]
     next(copies.glob("*")).unlink()
     assert torch.equal(cached[1]["image"], expected) and not cached[0]["skipped"]
