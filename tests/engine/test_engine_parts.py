@@ -101,6 +101,27 @@ def test_ema_averages_parameters_and_buffers():
     assert restored.updates == 1 and torch.equal(restored.module.state_dict()[name], averaged[name])
 
 
+def test_ema_reads_the_live_tensors_at_every_update():
+    """The EMA keeps where each tensor lives, not the tensor: one replaced after the first update (as
+    `.to(device)` replaces buffers) is the one averaged in the next, and the result is still exactly
+    ema * d + live * (1 - d)."""
+    torch.manual_seed(0)
+    live = build_model({"size": "n"})
+    ema = ModelEMA(build_model({"size": "n"}), live, decay=0.5, ramp=1e-9)
+    ema.update(live)
+    bn = live.backbone.stem.stem_1[1]
+    bn.running_var = torch.full_like(bn.running_var, 3.0)  # a new tensor object in the module
+    with torch.no_grad():
+        live.backbone.stem.stem_1[0].weight.mul_(2.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(live)
+    after, now = ema.module.state_dict(), live.state_dict()
+    d = ema.current_decay()
+    for name in ("backbone.stem.stem_1.1.running_var", "backbone.stem.stem_1.0.weight", "head.convs.0.bias"):
+        assert torch.equal(after[name], before[name].mul(d).add(now[name], alpha=1 - d)), name
+    assert after["backbone.stem.stem_1.1.num_batches_tracked"] == now["backbone.stem.stem_1.1.num_batches_tracked"]
+
+
 def test_latest_pointer_and_pruning(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3):
