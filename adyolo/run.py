@@ -33,6 +33,7 @@ from adyolo.engine.accelerator import (
 )
 from adyolo.engine.autobatch import probe_step
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
+from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.noise import quiet_known_noise
 from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
@@ -59,6 +60,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     started = time.monotonic() - max(time.time() - psutil.Process().create_time(), 0.0)
     main_process = int(os.environ.get("RANK", "0")) == 0
     quiet_known_noise(main_process)
+    keep_freed_memory()  # a CPU step would otherwise fault its activations in again every step
     settings = launch_settings(cfg.train)
     cfg = dataclasses.replace(
         cfg, train=resolve_channels_last(cfg.train, settings.precision, settings.deepspeed is not None)
