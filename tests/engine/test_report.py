@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from adyolo.engine.report import RunReport, read_results
+from adyolo.engine.report import PLOT_EVERY_S, RunReport, read_results
 from adyolo.eval.widerface.protocol import PRCurve
 from adyolo.layout import DetectionRow
 from adyolo.tracking import EXPERIMENT_KIND, Tracker, default_store_uri, relocate_store, rounded
@@ -96,6 +96,23 @@ def test_results_table_has_a_row_per_epoch_and_a_resumed_epoch_replaces_its_row(
     summary = report(tmp_path).finish(1, 0.3, weights)
     assert "best  epoch   1: ap_easy 0.5000 ap_medium 0.4000 ap_hard 0.3000 map50 0.2000" in summary
     assert "last  epoch   1: ap_easy 0.5000" in summary and summary.startswith("trained in")
+
+
+def test_results_png_is_redrawn_after_evaluations_and_otherwise_at_most_every_minute(tmp_path):
+    run = report(tmp_path)
+    png = tmp_path / "results.png"
+    run.add_step({"box": 0.5, "total": 1.0}, lr=0.01, images_per_s=10.0)
+    run.epoch_end(1, step=1, peak_memory_gib=1.0)
+    drawn = png.stat().st_mtime_ns
+    run.epoch_end(2, step=2, peak_memory_gib=1.0)  # seconds later, not evaluated: the table only
+    assert png.stat().st_mtime_ns == drawn and len(read_results(tmp_path / "results.csv")) == 2
+    run.evaluation(3, {"ap_easy": 0.5, "ap_medium": 0.4, "ap_hard": 0.3, "map50": 0.2}, True, [], curves())
+    run.epoch_end(3, step=3, peak_memory_gib=1.0)
+    assert png.stat().st_mtime_ns > drawn
+    drawn = png.stat().st_mtime_ns
+    run._plotted_at -= PLOT_EVERY_S  # a minute since the last drawing
+    run.epoch_end(4, step=4, peak_memory_gib=1.0)
+    assert png.stat().st_mtime_ns > drawn
 
 
 def test_a_finished_run_logs_best_and_last_with_their_pictures_and_a_summary(tmp_path, monkeypatch):
