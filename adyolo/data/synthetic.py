@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,20 +79,29 @@ def ensure_synthetic_dataset(root: str | Path, cfg: SyntheticConfig) -> dict[str
         return splits
     staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
-        for index in range(count):
-            image, faces = render_image(cfg, split, index)
-            name = f"{index:06d}"
-            path = staging / split / "images" / f"{name}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            h, w = image.shape[:2]
-            write_label_file(staging / split / "labels" / f"{name}.txt", faces_to_labels(faces, w, h))
+    samples = [
+        (split, index) for split, count in (("train", cfg.num_train), ("val", cfg.num_val)) for index in range(count)
+    ]
+    for split in ("train", "val"):
+        (staging / split / "images").mkdir(parents=True)
+        (staging / split / "labels").mkdir(parents=True)
+    # Every image has its own random stream, so threads write the same files as one loop; NumPy's
+    # generators and OpenCV release the GIL (500 images: 4.9 s in one thread on a 2-core VM).
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda sample: _write_sample(cfg, staging, *sample), samples))
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, root)
     return splits
+
+
+def _write_sample(cfg: SyntheticConfig, staging: Path, split: str, index: int) -> None:
+    image, faces = render_image(cfg, split, index)
+    name = f"{index:06d}"
+    cv2.imwrite(str(staging / split / "images" / f"{name}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    h, w = image.shape[:2]
+    write_label_file(staging / split / "labels" / f"{name}.txt", faces_to_labels(faces, w, h))
 
 
 def faces_to_labels(faces: Faces, width: int, height: int) -> np.ndarray:
