@@ -6,7 +6,7 @@ its activations at its end and allocates them again in the next, so each step fa
 again, zeroed by the kernel: on the embedded default (size n, 256 px, batch 8, bf16, 2-core AMD EPYC VM)
 about 23,000 page faults and 53 ms of system time per step, 16 million faults and 82 s of system time
 over the run. With trimming off (up to 2 GiB of free heap) and blocks up to glibc's largest mmap
-threshold (32 MiB) kept in the heap, the same step faults about 130 pages.
+threshold (32 MiB) kept in the heap, the same step faults 50-135 pages.
 
 The cost is that the process keeps its peak heap, which the step reaches again at once anyway. Other
 C libraries (musl) and other operating systems have no `mallopt`; there this does nothing.
