@@ -35,8 +35,21 @@ def read_code(path: Path) -> int | None:
         return None
 
 
+def with_process_count(argv: list[str], gpus: int) -> list[str]:
+    """`accelerate launch` arguments with `--num_processes` filled in where the command leaves it out and
+    this machine has GPUs: one process per GPU (the project's accelerate configs set none, so that plain
+    `accelerate launch` asks for it rather than start a default)."""
+    given = any(a == "--num_processes" or a.startswith("--num_processes=") for a in argv)
+    if given or gpus < 1:
+        return argv
+    return ["--num_processes", str(gpus), *argv]
+
+
 def supervise(argv: list[str]) -> int:
     """Run `accelerate launch <argv>` to its end; returns the exit code for the shell."""
+    import torch  # here, not at import: the wrapper's start stays light for --help
+
+    argv = with_process_count(argv, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     accelerate = Path(sys.executable).with_name("accelerate")
     with tempfile.TemporaryDirectory(prefix="adyolo-launch-") as tmp:
         exit_file = Path(tmp) / "exit_code"

@@ -19,26 +19,20 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 import yaml
 
 from adyolo.config import RunConfig
 from adyolo.data.dataset import build_datasets, build_loader, check_datasets
-from adyolo.engine.accelerator import (
-    build_accelerator,
-    cpu_has_bf16,
-    launch_settings,
-    rank_placement,
-    resolve_channels_last,
-)
-from adyolo.engine.autobatch import probe_step
+from adyolo.engine.accelerator import Launch, build_accelerator, launch_settings, rank_placement, resolve_launch
+from adyolo.engine.autobatch import agree_on_micro_batch, probe_step
+from adyolo.engine.batching import GlobalBatchSampler
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.noise import quiet_known_noise
 from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.report import RunReport
-from adyolo.engine.setup import prepare_training, seeded_model
+from adyolo.engine.setup import TrainingConfigs, prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
 from adyolo.failures import InputError
 from adyolo.model.summary import summarize
@@ -54,85 +48,81 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     """Everything a run needs, on this rank; `.fit()` trains it. `resume`: "latest" or a checkpoint
     folder, or None; `exist_ok`: start over in an output folder that holds a run. Raises `ConfigError`,
     `BatchSplitError` or `InputError` (the same on every rank) before any process group or output exists."""
-    # The memory plan resolves `auto` settings before the Accelerator fixes the gradient accumulation;
-    # on a GPU a real probe step confirms a planned micro-batch.
     # The setup phase of the run's time breakdown counts from the process's start (imports included).
     started = time.monotonic() - max(time.time() - psutil.Process().create_time(), 0.0)
     main_process = int(os.environ.get("RANK", "0")) == 0
     quiet_known_noise(main_process)
     keep_freed_memory()  # a CPU step would otherwise fault its activations in again every step
-    settings = launch_settings(cfg.train)
-    cfg = dataclasses.replace(
-        cfg, train=resolve_channels_last(cfg.train, settings.precision, settings.deepspeed is not None)
-    )
 
     # What can be checked without a process group is, on every rank alike and before anything costly:
+    # the device (a GPU node whose GPUs torch cannot use stops here), the DeepSpeed JSON and precision,
     # the output folder, the checkpoint to resume, the user's data (read here once: every label file).
+    settings = launch_settings(cfg.train, cfg.optim)
     check_output_dir(cfg.output_dir, resume, exist_ok)
     resume_folder = resolve_resume(resume, cfg.output_dir) if resume else None
     datasets = None
     if cfg.data.train is not None:
-        datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
+        datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed, settings.local_world_size)
         check_datasets(*datasets, cfg.train.global_batch)
     elif cfg.data.synthetic.num_train < cfg.train.global_batch:
         raise InputError(
             f"data.synthetic.num_train={cfg.data.synthetic.num_train} is fewer than train.global_batch="
             f"{cfg.train.global_batch}: an epoch would have no training step; raise one or lower the other"
         )
+    # The memory plan resolves `auto` settings (every rank alike) before the Accelerator fixes the split.
     cfg, plan = plan_run(cfg, settings, main_process=main_process)
-    config_dict = to_dict(cfg)
-    stage = settings.deepspeed.stage if settings.deepspeed else 0
-    saved = check_resume(resume_folder, config_dict, settings.world_size, stage) if resume_folder else None
+    launch = resolve_launch(settings, cfg.train)
+    saved = (
+        check_resume(resume_folder, to_dict(cfg), launch.split.world_size, launch.zero_stage) if resume_folder else None
+    )
 
-    auto_micro = plan is not None and "train.micro_batch" in plan.auto
-    probe = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train) if auto_micro else None
-    accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir, probe)
+    accelerator = build_accelerator(launch, cfg.train.timeout_s, cfg.output_dir)
+    if settings.device == "cuda" and plan is not None and "train.micro_batch" in plan.auto:
+        # On a GPU a real step confirms the planned micro-batch on every rank; all take the smallest.
+        fits = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train, launch.precision, accelerator.device)
+        launch = agree_on_micro_batch(accelerator, launch, fits)
+    cfg = resolved(cfg, launch)
+    config_dict = to_dict(cfg)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if exist_ok and not resume:
             clear_previous_run(cfg.output_dir)
-        (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        text = f"# launch: {launch.text()}\n" + yaml.safe_dump(config_dict, sort_keys=False)
+        (Path(cfg.output_dir) / "config.yaml").write_text(text)
         print(yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None), end="")
-    how = precision_text(cfg.train, precision, deepspeed=zero_stage > 0)
-    accelerator.print(f"{split}; {how}; {distribution(accelerator, zero_stage)}")
+    accelerator.print(launch.text())
     phases = PhaseTimes(accelerator.device, cfg.log.phase_times, started)
 
     # Data: the main process generates the synthetic default (if needed) before the others read it.
     if datasets is None:
         with accelerator.main_process_first():
-            datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
+            datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed, settings.local_world_size)
     train_set, val_set = datasets
     accelerator.print(f"data: train {train_set.summary()}; val {val_set.summary()}")
     if cfg.data.cache:  # here, after every check: it reads every image (its size was checked with the data)
         for dataset in datasets:
             dataset.cache_images()
-    train_loader = build_loader(train_set, split.micro_batch, True, cfg.data.workers, cfg.train.seed, drop_last=True)
-    val_loader = build_loader(val_set, split.micro_batch, False, cfg.data.workers, cfg.train.seed)
+    sampler = GlobalBatchSampler(len(train_set), launch.split, accelerator.process_index, cfg.train.seed)
+    train_loader = build_loader(train_set, None, True, cfg.data.workers, cfg.train.seed, batch_sampler=sampler)
+    val_loader = build_loader(val_set, launch.split.micro_batch, False, cfg.data.workers, cfg.train.seed)
 
     # Model, identical on every rank; then its wrapping, loss, optimizer, EMA and training step.
     model = seeded_model(cfg.model, cfg.train.seed)
     summary = summarize(model, cfg.model.img_size)
     accelerator.print(summary)
+    configs = TrainingConfigs(cfg.model, cfg.loss, cfg.optim, cfg.train)
     prepared = prepare_training(
-        model,
-        cfg.model,
-        cfg.loss,
-        cfg.optim,
-        cfg.train,
-        accelerator,
-        split,
-        zero_stage,
-        cfg.epochs,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        phases=phases,
+        model, configs, accelerator, launch, cfg.epochs, train_loader=train_loader, val_loader=val_loader, phases=phases
     )
     state = TrainingState()
     accelerator.register_for_checkpointing(state, prepared.step.ema)
     if resume_folder is not None:
         accelerator.load_state(str(resume_folder))
-        state.batches_in_epoch = resumed_batches(saved, state.batches_in_epoch, split.micro_batch, split.world_size)
-        other_ranks = saved is not None and saved["world_size"] != split.world_size
+        # Checkpoints are written between optimizer steps: the accumulation window starts afresh (the
+        # saved count of micro-batches belongs to the saved split).
+        accelerator.step = 0
+        state.batches_in_epoch = resumed_batches(saved, state.batches_in_epoch, launch.split)
+        other_ranks = saved is not None and saved["world_size"] != launch.split.world_size
         moved = f" (written by {saved['world_size']} ranks)" if other_ranks else ""
         accelerator.print(f"resumed from {resume_folder}{moved}: epoch {state.epoch + 1}, step {state.step}")
 
@@ -146,7 +136,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
         uri,
         cfg.log.experiment,
         cfg.output_dir,
-        cfg.log.run_name or run_name(cfg, split.world_size, accelerator.device.type, zero_stage),
+        cfg.log.run_name or run_name(cfg, launch),
         state.mlflow_run_id,
         system_metrics=cfg.log.system_metrics,
     )
@@ -154,11 +144,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     tracker.log_params(
         {
             **flatten(config_dict),
-            "world_size": split.world_size,
-            "zero_stage": zero_stage,
-            "micro_batch": split.micro_batch,
-            "accumulation": split.accumulation,
-            "precision_resolved": precision,
+            **launch.params(),
             "checkpointed_blocks": ",".join(summary.checkpointed) or "none",
             "parameters": summary.parameters,
             "gflops": round(summary.gflops, 3),
@@ -168,7 +154,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}
     tracker.set_tags({**placement, **slurm, "distributed_type": accelerator.distributed_type.name})
-    description = describe(cfg, split, precision, distribution(accelerator, zero_stage), summary)
+    description = describe(cfg, launch, summary)
     tracker.describe(description)
     if accelerator.is_main_process:
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
@@ -176,7 +162,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
         tracker,
         cfg.output_dir,
         accelerator.device.type,
-        split.world_size,
+        launch.split.world_size,
         cfg.train.fitness,
         cfg.log.num_val_images,
         ui_command(uri, cfg.output_dir, tracker),
@@ -188,11 +174,22 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     )
     record = {
         "config": config_dict,
-        "world_size": split.world_size,
-        "micro_batch": split.micro_batch,
-        "zero_stage": zero_stage,
+        "world_size": launch.split.world_size,
+        "micro_batch": launch.split.micro_batch,
+        "accumulation": launch.split.accumulation,
+        "zero_stage": launch.zero_stage,
     }
-    return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, record, precision)
+    return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, record, launch.precision)
+
+
+def resolved(cfg: RunConfig, launch: Launch) -> RunConfig:
+    """The config with what the launch decided in place of `auto`: precision, channels_last and the
+    micro-batch (the plan's, confirmed by the probe on a GPU). What config.yaml and MLflow record."""
+    micro = launch.split.micro_batch if cfg.train.micro_batch is not None else None
+    train = dataclasses.replace(
+        cfg.train, precision=launch.precision, channels_last=launch.channels_last, micro_batch=micro
+    )
+    return dataclasses.replace(cfg, train=train)
 
 
 def data_params(train_set, val_set) -> dict[str, int]:
@@ -210,38 +207,19 @@ def data_params(train_set, val_set) -> dict[str, int]:
     return params
 
 
-def precision_text(train, precision: str, deepspeed: bool = False) -> str:
-    """The precision and memory format, and why where `auto` chose: "bf16 autocast (auto: ...), channels_last"."""
-    text = "bf16 autocast" if precision == "bf16" else "fp32"
-    if not torch.cuda.is_available() and not deepspeed:  # under DeepSpeed the precision is its JSON's
-        if train.precision == "auto":
-            why = "native bf16; train.precision=fp32 for fp32" if precision == "bf16" else "no native bf16"
-            text += f" (auto: this CPU has {why})"
-        elif precision == "fp32" and cpu_has_bf16():
-            text += " (this CPU has native bf16: train.precision=bf16 trains faster)"
-    return text + (", channels_last" if train.channels_last is True else "")
-
-
-def distribution(accelerator, zero_stage: int) -> str:
-    """How the ranks share the work, in words: "one process (cpu)", "DDP over 8 processes (cuda)", ..."""
-    device = accelerator.device.type
-    if zero_stage:
-        return f"DeepSpeed ZeRO-{zero_stage} over {accelerator.num_processes} processes ({device})"
-    if accelerator.num_processes > 1:
-        return f"DDP over {accelerator.num_processes} processes ({device})"
-    return f"one process ({device})"
-
-
-def run_name(cfg: RunConfig, world_size: int, device_type: str, zero_stage: int) -> str:
+def run_name(cfg: RunConfig, launch: Launch) -> str:
     """What ran, as the MLflow run's name: e.g. `efficient-n-256px-1cpu`, `full-sdpa-s-640px-16gpu-zero2`,
-    `yolov5face-s-640px-1gpu` (the baseline)."""
+    `yolov5face-s-640px-1gpu` (the baseline); an uneven split adds it, e.g. `-16gpu-40=8x3+8x2-zero2`."""
     fusion = cfg.model.variant.replace("/", "-")
-    processes = f"{world_size}{'gpu' if device_type == 'cuda' else 'cpu'}"
-    scheme = f"-zero{zero_stage}" if zero_stage else ("-ddp" if world_size > 1 else "")
+    split, zero = launch.split, launch.zero_stage
+    processes = f"{split.world_size}{'gpu' if launch.settings.device == 'cuda' else 'cpu'}"
+    if split.world_size > 1 and split.global_batch % split.world_size:
+        processes += f"-{split.global_batch}=" + "+".join(f"{n}x{images}" for n, images in split.shares())
+    scheme = f"-zero{zero}" if zero else ("-ddp" if split.world_size > 1 else "")
     return f"{fusion}-{cfg.model.size}-{cfg.model.img_size}px-{processes}{scheme}"
 
 
-def describe(cfg: RunConfig, split, precision: str, distribution_text: str, summary) -> str:
+def describe(cfg: RunConfig, launch: Launch, summary) -> str:
     """The MLflow run's description (Markdown), completed with the result at the end of the run."""
     data = cfg.data.train or f"synthetic ({cfg.data.synthetic.num_train} train / {cfg.data.synthetic.num_val} val)"
     return "\n".join(
@@ -253,7 +231,7 @@ def describe(cfg: RunConfig, split, precision: str, distribution_text: str, summ
                 + (f" ({cfg.model.attention} attention)" if cfg.model.fusion == "full" else "")
             )
             + f", {cfg.model.img_size} px, {summary.parameters / 1e6:.2f} M parameters, {summary.gflops:.1f} GFLOPs",
-            f"- {cfg.epochs} epochs; {split}; {precision}; {distribution_text}",
+            f"- {cfg.epochs} epochs; {launch.text()}",
             f"- data: {data}; best.pt chosen by {cfg.train.fitness}",
             f"- output: {Path(cfg.output_dir).resolve()}",
             "- read: `best/*` metrics (the epoch best.pt is from), `val/*` per epoch, `memory/<kind>/rank<r>` per rank;"

@@ -53,7 +53,7 @@ def main() -> int:
     shapes = ", ".join(
         str((args.batch, model.head.num_anchors, size // s, size // s, model.head.num_outputs)) for s in model.strides
     )
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in window.mean_losses().items())
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in window.losses().items())
     print(f"strides {model.strides}; outputs {shapes}")
     print(
         f"one optimizer step at batch {args.batch}: {elapsed:.2f} s on {torch.get_num_threads()} CPU threads; {losses}"

@@ -60,9 +60,14 @@ on_warning() {
 }
 trap on_warning USR1
 
-# One launcher task per node. Single quotes: SLURM_NODEID must expand inside each task, where it
-# differs, not here in the batch shell.
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
+# One launcher task per node, with the job's CPUs per task: Slurm 22.05-23.02 job steps do not inherit
+# --cpus-per-task, and without it every rank and loader worker of a node may share one core. Single
+# quotes: SLURM_NODEID must expand inside each task, where it differs, not here in the batch shell.
+CPUS=()
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 "${CPUS[@]}" bash -c '
     exec "$VENV/bin/python" launch/launch.py --config_file "$ACCELERATE_CONFIG" \
         --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
         --num_processes $((SLURM_NNODES * PROCS_PER_NODE)) \

@@ -10,7 +10,6 @@ oom-rank<r>.json and exits with `EXIT_OOM`.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import resource
@@ -25,11 +24,11 @@ from adyolo.bench.grid import overrides
 from adyolo.bench.profile import TRACE_FILE, profile_steps
 from adyolo.bench.runner import EXIT_OOM
 from adyolo.config import load_run_config
-from adyolo.data.batch import synthetic_batch
-from adyolo.engine.accelerator import build_accelerator, launch_settings
+from adyolo.engine.accelerator import start_launch
+from adyolo.engine.batching import synthetic_micro_batches
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.memory import FIELDS, snapshot
-from adyolo.engine.setup import prepare_training
+from adyolo.engine.setup import TrainingConfigs, prepare_training
 from adyolo.model import build_model
 from adyolo.plan.auto import plan_setting
 
@@ -67,8 +66,8 @@ def train_steps(spec: dict, out: Path) -> dict | None:
     """Warm-up and timed optimizer steps; the result (main process) or None (other ranks)."""
     cfg = load_run_config(spec["config"], overrides(spec, spec))
     keep_freed_memory()  # as launch/train.py does
-    launch = launch_settings(cfg.train)
-    accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, out)
+    launch, accelerator = start_launch(cfg.train, cfg.optim, out)
+    split, precision, zero_stage = launch.split, launch.precision, launch.zero_stage
     device = accelerator.device
     budget = spec["memory_budget_gib"]
     if budget and device.type == "cuda":
@@ -80,23 +79,14 @@ def train_steps(spec: dict, out: Path) -> dict | None:
         limit = int(budget * GIB)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.manual_seed(0)
+    configs = TrainingConfigs(cfg.model, cfg.loss, cfg.optim, cfg.train)
     prepared = prepare_training(
-        build_model(cfg.model),
-        cfg.model,
-        cfg.loss,
-        cfg.optim,
-        cfg.train,
-        accelerator,
-        split,
-        zero_stage,
-        epochs=1,
-        steps_per_epoch=SCHEDULE_STEPS_PER_EPOCH,
+        build_model(cfg.model), configs, accelerator, launch, epochs=1, steps_per_epoch=SCHEDULE_STEPS_PER_EPOCH
     )
     if accelerator.is_main_process:
-        (out / PLAN_FILE).write_text(json.dumps(predict_row(cfg, launch, split, prepared.step, device)))
-    batches = itertools.repeat(
-        synthetic_batch(split.micro_batch, cfg.model.img_size, device, accelerator.process_index)
-    )
+        (out / PLAN_FILE).write_text(json.dumps(predict_row(cfg, launch.settings, split, prepared.step, device)))
+    # Each rank its own micro-batches (an uneven split gives some ranks one image more).
+    batches = synthetic_micro_batches(split, accelerator.process_index, cfg.model.img_size, device)
 
     times = []
     for i in range(spec["warmup"] + spec["steps"]):

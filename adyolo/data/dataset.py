@@ -240,24 +240,35 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_loader(
-    dataset: FaceDataset, batch_size: int, shuffle: bool, workers: int, seed: int, drop_last: bool = False
+    dataset: FaceDataset,
+    batch_size: int | None,
+    shuffle: bool,
+    workers: int,
+    seed: int,
+    drop_last: bool = False,
+    batch_sampler: torch.utils.data.Sampler[list[int]] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over `dataset`; sharding across ranks is left to the engine."""
+    """A DataLoader over `dataset`; sharding across ranks is left to the engine (a `batch_sampler` that
+    yields this rank's batches replaces batch_size, shuffle and drop_last)."""
+    batching = (
+        {"batch_sampler": batch_sampler}
+        if batch_sampler is not None
+        else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
+    )
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_worker_init if workers else None,
+        **batching,
     )
 
 
-def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDataset, FaceDataset]:
+def build_datasets(cfg: DataConfig, img_size: int, seed: int, cache_copies: int = 1) -> tuple[FaceDataset, FaceDataset]:
     """(train, val) datasets for a DataConfig; the synthetic default is generated on first use.
+    `cache_copies`: the processes on this machine that each cache the images (with `cfg.cache`).
     Raises `InputError` naming the key when a folder or list holds no images, or a label line is malformed."""
     if cfg.train is None:
         splits = ensure_synthetic_dataset(cfg.synthetic_root, cfg.synthetic)
@@ -271,7 +282,7 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDatas
         except FileNotFoundError as err:
             raise InputError(f"data.{split}: {err}") from None
     if cfg.cache:
-        check_cache_fits(sum(map(len, images.values())), img_size)
+        check_cache_fits(sum(map(len, images.values())), img_size, cache_copies)
     datasets = []
     for split, paths in images.items():
         augment = cfg.augment if split == "train" else None
@@ -282,13 +293,15 @@ def build_datasets(cfg: DataConfig, img_size: int, seed: int) -> tuple[FaceDatas
     return datasets[0], datasets[1]
 
 
-def check_cache_fits(images: int, img_size: int) -> None:
-    """Stop (`InputError`) before caching images that could not fit in the RAM available now."""
-    need = images * img_size * img_size * 3  # the most: every image's long side is img_size
+def check_cache_fits(images: int, img_size: int, copies: int = 1) -> None:
+    """Stop (`InputError`) before caching images that could not fit in the RAM available now; `copies`:
+    the processes on this machine that each cache them (the ranks of a node)."""
+    need = images * img_size * img_size * 3 * copies  # the most: every image's long side is img_size
     available = psutil.virtual_memory().available
     if need > available:
+        each = f" ({copies} ranks on this machine, a copy each)" if copies > 1 else ""
         raise InputError(
-            f"data.cache: {images} images at {img_size} px may need {need / 2**30:.1f} GiB of RAM and "
+            f"data.cache: {images} images at {img_size} px may need {need / 2**30:.1f} GiB of RAM{each} and "
             f"{available / 2**30:.1f} GiB are available; set data.cache=false (images are then read as needed)"
         )
 

@@ -1,13 +1,13 @@
-"""Build the Accelerator: process group, precision, DeepSpeed, batch split. The only place that
-decides how the run is distributed; everything is checked before a process group exists."""
+"""A run's launch, resolved in one place: the device (refused where the node's GPUs cannot be used), the
+DeepSpeed JSON, precision, memory format, the batch split over the ranks (the micro-batch probe's
+answer agreed by every rank), and the Accelerator built from it. Everything but the probe is checked
+before a process group exists."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,27 +17,13 @@ from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwa
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from adyolo.engine.autobatch import largest_fitting
-from adyolo.engine.batching import BatchSplit, micro_batch_candidates, split_global_batch
+from adyolo.engine.batching import BatchSplit, split_global_batch
 from adyolo.engine.config import OptimConfig, TrainConfig
+from adyolo.engine.devices import LaunchEnvironment, check_device, native_bf16
 from adyolo.schema import ConfigError
 
 # The DeepSpeed JSONs and accelerate configs that ship with the project (one per ZeRO stage).
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What the launcher asked for, read from the environment `accelerate launch` sets up."""
-
-    world_size: int
-    deepspeed_config: Path | None  # the DeepSpeed JSON, when running under DeepSpeed
-
-    @classmethod
-    def from_environment(cls) -> Launch:
-        use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        return cls(int(os.environ.get("WORLD_SIZE", "1")), Path(ds_file) if use_ds and ds_file else None)
 
 
 @dataclass(frozen=True)
@@ -65,47 +51,59 @@ def read_deepspeed_config(path: Path) -> DeepSpeedSettings:
         )
     zero = ds.get("zero_optimization", {})
     offload = zero.get("offload_optimizer", {}).get("device", "none")
+    offload_optimizer = offload not in ("none", None)
+    if offload_optimizer and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise ConfigError(
+            "zero_force_ds_cpu_optimizer",
+            "is not false with offload_optimizer: Accelerate would then replace the configured SGD / AdamW by "
+            'DeepSpeedCPUAdam (Adam with L2 decay) at the same learning rate; add "zero_force_ds_cpu_optimizer": '
+            "false (as ds_configs/zero2_offload.json has)",
+            location=str(path),
+        )
     return DeepSpeedSettings(
         stage=int(zero.get("stage", 0)),
         bf16_autocast=bool(autocast.get("enabled")) and autocast.get("dtype", "bfloat16") == "bfloat16",
         gradient_clipping=float(ds.get("gradient_clipping", 0.0)),
-        offload_optimizer=offload not in ("none", None),
+        offload_optimizer=offload_optimizer,
         reduce_bucket_size=int(zero.get("reduce_bucket_size", DeepSpeedSettings.reduce_bucket_size)),
         prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", DeepSpeedSettings.prefetch_bucket_size)),
     )
 
 
-def resolve_precision(train: TrainConfig, ds: DeepSpeedSettings | None, ds_path: Path | None) -> str:
-    """ "auto": bf16 on CUDA and on a CPU with native bf16, fp32 on other CPUs, or what the DeepSpeed JSON says;
-    explicit values must agree with it."""
-    if ds is not None:
-        json_precision = "bf16" if ds.bf16_autocast else "fp32"
-        if train.precision not in ("auto", json_precision):
+def resolve_precision(
+    train: TrainConfig, ds: DeepSpeedSettings | None, device: str, local_rank: int = 0
+) -> tuple[str, str]:
+    """-> (precision "bf16" | "fp32", why, in words). An explicit `train.precision` is the run's (under
+    DeepSpeed it sets the JSON's torch_autocast for this run). "auto": the DeepSpeed JSON's, or bf16 on a
+    device with native bf16 (CUDA compute capability 8.0+, a CPU with AVX512-BF16 or AMX), but fp32 where
+    bf16 would be emulated (V100, T4, older CPUs). Explicit bf16 on a GPU without native bf16 is refused."""
+    native = native_bf16(device, local_rank)
+    where = torch.cuda.get_device_name(local_rank) if device == "cuda" else "this CPU"
+    if train.precision == "bf16":
+        if device == "cuda" and not native:
             raise ConfigError(
                 "train.precision",
-                f"{train.precision} but {ds_path} sets {json_precision} (torch_autocast); "
-                f"make them agree, or set train.precision=auto",
+                f"bf16, but {where} has no native bf16 (compute capability below 8.0): it would be emulated, "
+                "slower than fp32; use fp32 (or auto)",
             )
-        return json_precision
-    if train.precision == "auto":
-        # On a CPU with native bf16 the embedded default's step is 1.6x faster in bf16 (channels_last), and
-        # with BatchNorm's eps at 1e-3 its shortened recipes no longer collapse in it (README, Measured);
-        # elsewhere PyTorch emulates bf16 and it is slower.
-        return "bf16" if torch.cuda.is_available() or cpu_has_bf16() else "fp32"
-    return train.precision
+        return "bf16", "train.precision"
+    if train.precision == "fp32":
+        return "fp32", "train.precision"
+    wanted = ds is None or ds.bf16_autocast
+    source = "the DeepSpeed JSON" if ds is not None else "auto"
+    if wanted and native:
+        return "bf16", f"{source}: {where} has native bf16"
+    if wanted:
+        return "fp32", f"auto: {where} has no native bf16" + (
+            "; the JSON's torch_autocast is off for this run" if ds else ""
+        )
+    return "fp32", f"{source}: torch_autocast off"
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast is faster
-    than fp32; elsewhere PyTorch emulates it and it is slower."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def resolve_channels_last(train: TrainConfig, precision: str, deepspeed: bool = False) -> TrainConfig:
-    """`train` with `channels_last: auto` decided: on for bf16 on a CPU, off otherwise and under DeepSpeed,
-    which flattens the parameters and needs them contiguous (a channels_last weight stops
-    `deepspeed.initialize`). Measured on a 2-core AMX CPU (size n, 256 px, batch 16): bf16 1.27x faster in
-    channels_last, fp32 0.90x."""
+def resolve_channels_last(train: TrainConfig, precision: str, device: str, deepspeed: bool) -> bool:
+    """`channels_last: auto` decided: on for bf16 on a CPU (oneDNN's bf16 convolutions are fastest in it),
+    off otherwise and under DeepSpeed, which flattens the parameters and needs them contiguous (a
+    channels_last weight stops `deepspeed.initialize`)."""
     if train.channels_last is True and deepspeed:
         raise ConfigError(
             "train.channels_last",
@@ -113,73 +111,120 @@ def resolve_channels_last(train: TrainConfig, precision: str, deepspeed: bool = 
             "use false (or auto), or plain DDP",
         )
     if train.channels_last != "auto":
-        return train
-    on = precision == "bf16" and not torch.cuda.is_available() and not deepspeed
-    return dataclasses.replace(train, channels_last=on)
+        return train.channels_last
+    return precision == "bf16" and device == "cpu" and not deepspeed
 
 
 @dataclass(frozen=True)
 class LaunchSettings:
-    """What the launcher and the DeepSpeed JSON decide, known before any process group exists."""
+    """What the launcher, the devices and the DeepSpeed JSON decide, before any process group exists."""
 
     world_size: int
     local_world_size: int  # ranks on this machine
     deepspeed: DeepSpeedSettings | None
     precision: str  # "fp32" | "bf16"
+    device: str = "cpu"  # "cuda" | "cpu"
+    precision_reason: str = ""  # why, in words
+    deepspeed_config: Path | None = None
+    local_rank: int = 0
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed.stage if self.deepspeed is not None else 0
 
 
-def launch_settings(train: TrainConfig) -> LaunchSettings:
-    """The run's ranks, DeepSpeed settings and precision; ConfigError if the JSON or precision is wrong."""
-    launch = Launch.from_environment()
-    ds = read_deepspeed_config(launch.deepspeed_config) if launch.deepspeed_config else None
-    precision = resolve_precision(train, ds, launch.deepspeed_config)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
-    return LaunchSettings(launch.world_size, local, ds, precision)
-
-
-def build_accelerator(
-    train: TrainConfig,
-    optim: OptimConfig,
-    output_dir: str | Path,
-    probe: Callable[[str, torch.device], Callable[[int], None]] | None = None,
-) -> tuple[Accelerator, BatchSplit, str, int]:
-    """-> (accelerator, batch split, precision "fp32" | "bf16", ZeRO stage or 0 without DeepSpeed).
-
-    `probe(precision, device)` returns a function that runs one training step at a given
-    micro-batch. On a GPU it confirms `train.micro_batch` (planned, or "auto": the largest divisor)
-    and steps down to the largest that really fits."""
-    launch = Launch.from_environment()
-    fixed_micro = train.micro_batch if isinstance(train.micro_batch, int) else None
-    split = split_global_batch(train.global_batch, launch.world_size, fixed_micro)
-    settings = launch_settings(train)
-    ds, precision = settings.deepspeed, settings.precision
-    if torch.cuda.is_available() and probe is not None:
-        # Before the Accelerator exists: its gradient accumulation is fixed at construction.
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        candidates = micro_batch_candidates(train.global_batch, launch.world_size)
-        micro = largest_fitting([m for m in candidates if m <= split.micro_batch], probe(precision, device))
-        split = split_global_batch(train.global_batch, launch.world_size, micro)
-    if ds is not None and ds.gradient_clipping != optim.grad_clip:
+def launch_settings(train: TrainConfig, optim: OptimConfig | None = None) -> LaunchSettings:
+    """The run's ranks, device, DeepSpeed settings and precision. Raises `InputError` where the node's GPUs
+    cannot be used, `ConfigError` when the JSON, the precision or the clipping is wrong."""
+    env = LaunchEnvironment.read()
+    device = check_device(env)
+    if device == "cpu":
+        # Tells DeepSpeed the accelerator, so it does not probe and warn on every process.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ds = read_deepspeed_config(env.deepspeed_config) if env.deepspeed_config else None
+    if ds is not None and optim is not None and ds.gradient_clipping != optim.grad_clip:
         raise ConfigError(
             "optim.grad_clip",
-            f"{optim.grad_clip} but {launch.deepspeed_config} has gradient_clipping="
+            f"{optim.grad_clip} but {env.deepspeed_config} has gradient_clipping="
             f"{ds.gradient_clipping}; under DeepSpeed the JSON clips, so make them equal",
         )
-    return _accelerator(train, split, precision, ds is not None, output_dir), split, precision, ds.stage if ds else 0
+    precision, why = resolve_precision(train, ds, device, env.local_rank)
+    return LaunchSettings(
+        env.world_size, env.local_world_size, ds, precision, device, why, env.deepspeed_config, env.local_rank
+    )
 
 
-def _accelerator(train: TrainConfig, split: BatchSplit, precision: str, deepspeed: bool, output_dir) -> Accelerator:
+@dataclass(frozen=True)
+class Launch:
+    """A resolved launch: the settings, the batch split and the memory format, the same on every rank."""
+
+    settings: LaunchSettings
+    split: BatchSplit
+    channels_last: bool
+
+    @property
+    def zero_stage(self) -> int:
+        return self.settings.zero_stage
+
+    @property
+    def precision(self) -> str:
+        return self.settings.precision
+
+    def distribution(self) -> str:
+        """How the ranks share the work: "one process (cpu)", "DDP over 8 processes (cuda)", ..."""
+        n, device = self.split.world_size, self.settings.device
+        if self.zero_stage:
+            offload = ", optimizer offloaded to host memory" if self.settings.deepspeed.offload_optimizer else ""
+            return f"DeepSpeed ZeRO-{self.zero_stage} over {n} processes ({device}{offload})"
+        return f"DDP over {n} processes ({device})" if n > 1 else f"one process ({device})"
+
+    def text(self) -> str:
+        """The start line: split, precision (and why), memory format, distribution."""
+        how = "bf16 autocast" if self.precision == "bf16" else "fp32"
+        return (
+            f"{self.split}; {how} ({self.settings.precision_reason}){', channels_last' if self.channels_last else ''}; "
+            f"{self.distribution()}"
+        )
+
+    def params(self) -> dict[str, object]:
+        """For MLflow and run.json: what this launch resolved."""
+        return {
+            "world_size": self.split.world_size,
+            "zero_stage": self.zero_stage,
+            "device": self.settings.device,
+            "micro_batch": self.split.micro_batch,
+            "accumulation": self.split.accumulation,
+            "batch_split": str(self.split),
+            "precision_resolved": self.precision,
+            "precision_reason": self.settings.precision_reason,
+        }
+
+
+def resolve_launch(settings: LaunchSettings, train: TrainConfig) -> Launch:
+    """The launch of a run whose `train.micro_batch` is decided (a number or None): its split and memory
+    format. Raises `BatchSplitError` when the ranks cannot split the global batch."""
+    micro = train.micro_batch if isinstance(train.micro_batch, int) else None
+    split = split_global_batch(train.global_batch, settings.world_size, micro)
+    channels_last = resolve_channels_last(train, settings.precision, settings.device, settings.deepspeed is not None)
+    return Launch(settings, split, channels_last)
+
+
+def build_accelerator(launch: Launch, timeout_s: int, output_dir: str | Path) -> Accelerator:
+    """The Accelerator of a resolved launch: the process group (gloo without CUDA), the split's gradient
+    accumulation, the precision (under DeepSpeed written into its JSON's torch_autocast)."""
+    settings, split = launch.settings, launch.split
+    deepspeed = settings.deepspeed is not None
     # Without CUDA, accelerate picks no backend for DeepSpeed and each rank believes it is alone;
     # gloo makes CPU runs (tests, laptops) real multi-process runs.
-    group = InitProcessGroupKwargs(timeout=timedelta(seconds=train.timeout_s))
-    if not torch.cuda.is_available() and split.world_size > 1:
-        group = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=train.timeout_s))
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    if settings.device == "cpu" and split.world_size > 1:
+        group = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=timeout_s))
     accelerator = Accelerator(
         # Without CUDA, plain DDP must be asked for as CPU training, or each rank trains alone.
-        cpu=not torch.cuda.is_available() and not deepspeed,
+        cpu=settings.device == "cpu" and not deepspeed,
         gradient_accumulation_steps=split.accumulation,
-        # Under DeepSpeed precision belongs to its JSON (torch_autocast); checked above.
-        mixed_precision=None if deepspeed else ("bf16" if precision == "bf16" else "no"),
+        # Under DeepSpeed precision belongs to its JSON (torch_autocast), set below.
+        mixed_precision=None if deepspeed else ("bf16" if launch.precision == "bf16" else "no"),
         kwargs_handlers=[group],
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         project_dir=str(output_dir),
@@ -192,7 +237,22 @@ def _accelerator(train: TrainConfig, split: BatchSplit, precision: str, deepspee
             f"the launcher started {split.world_size} processes but accelerate runs {accelerator.num_processes} "
             f"({accelerator.distributed_type.name}): the ranks would not share gradients"
         )
+    if deepspeed:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["torch_autocast"] = {**config.get("torch_autocast", {}), "enabled": launch.precision == "bf16"}
+        if launch.precision == "bf16":
+            config["torch_autocast"].setdefault("dtype", "bfloat16")
+        # The largest micro-batch of any rank (uneven splits differ by one image): DeepSpeed only checks
+        # micro x accumulation x ranks against train_batch_size, which Accelerate fills in from these.
+        config["train_micro_batch_size_per_gpu"] = split.micro_batch
     return accelerator
+
+
+def start_launch(train: TrainConfig, optim: OptimConfig, output_dir: str | Path) -> tuple[Launch, Accelerator]:
+    """The launch of `train` as it stands (no memory plan, no probe) and its Accelerator: what the
+    benchmark and the plan's measurement run under."""
+    launch = resolve_launch(launch_settings(train, optim), train)
+    return launch, build_accelerator(launch, train.timeout_s, output_dir)
 
 
 class InferenceProcesses:
@@ -205,7 +265,7 @@ class InferenceProcesses:
     def __init__(self, cpu: bool):
         # Without CUDA, plain DDP must be asked for as CPU, or each process would believe it is alone.
         self.accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
-        launched = Launch.from_environment().world_size
+        launched = LaunchEnvironment.read().world_size
         if self.accelerator.num_processes != launched:
             raise ValueError(
                 f"the launcher started {launched} processes but accelerate runs {self.accelerator.num_processes}; "

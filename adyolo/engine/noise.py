@@ -8,14 +8,12 @@ rank already prints whatever they would, once.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-
-import torch
 
 # (logger, start of the message): log records dropped at their logger.
 KNOWN_LOG_RECORDS = (
-    # DeepSpeed on every CPU-only start: it could not find a GPU (we told it; see DS_ACCELERATOR below).
+    # DeepSpeed on every CPU-only start: it could not find a GPU (the run chose the CPU and told it so:
+    # `engine.accelerator.launch_settings` sets DS_ACCELERATOR).
     ("DeepSpeed", "Setting accelerator to CPU"),
     # Our optimizers are torch's own SGD / AdamW, which ZeRO partitions correctly.
     ("DeepSpeed", "**** You are using ZeRO with an untested optimizer"),
@@ -40,9 +38,6 @@ class _DropKnown(logging.Filter):
 
 def quiet_known_noise(main_process: bool) -> None:
     """Install the filters (idempotent); call before DeepSpeed is imported, i.e. before the Accelerator."""
-    if not torch.cuda.is_available():
-        # Tells DeepSpeed the accelerator, so it does not probe and warn on every process.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     by_logger: dict[str, list[str]] = {}
     for name, prefix in KNOWN_LOG_RECORDS:
         by_logger.setdefault(name, []).append(prefix)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from adyolo.engine.batching import BatchSplit
 from adyolo.engine.checkpoint import latest_folder, read_run
 from adyolo.failures import InputError
 from adyolo.model.config import ModelConfig
@@ -89,13 +90,16 @@ def check_resume(folder: Path, config: dict, world_size: int, zero_stage: int) -
     return saved
 
 
-def resumed_batches(saved: dict | None, batches_in_epoch: int, micro_batch: int, world_size: int) -> int:
-    """The epoch position (micro-batches per rank) of a checkpoint, for this job's ranks and micro-batch:
-    the same number of images into the epoch, whatever the split."""
-    if saved is None or (saved["world_size"], saved["micro_batch"]) == (world_size, micro_batch):
+def resumed_batches(saved: dict | None, batches_in_epoch: int, split: BatchSplit) -> int:
+    """The epoch position of a checkpoint (micro-batches of one rank) for this job's split: the same
+    optimizer steps, so the same images, into the epoch, whatever the ranks and accumulation. A checkpoint
+    lies between optimizer steps."""
+    if saved is None:
         return batches_in_epoch
-    images = batches_in_epoch * saved["micro_batch"] * saved["world_size"]
-    return images // (micro_batch * world_size)
+    accumulation = saved.get("accumulation")
+    if accumulation is None:  # written before run.json kept it: splits were even then
+        accumulation = saved["config"]["train"]["global_batch"] // (saved["micro_batch"] * saved["world_size"])
+    return batches_in_epoch // accumulation * split.accumulation
 
 
 __all__ = ["check_output_dir", "check_resume", "clear_previous_run", "resumed_batches"]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from adyolo.engine.memory import LOGGED, headline_kind
 from adyolo.layout import DetectionRow
@@ -77,9 +78,11 @@ class RunReport:
         self.last_evaluated: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------------------------------
-    def add_step(self, losses: Mapping[str, float], lr: float, images_per_s: float) -> None:
-        """One optimizer step's mean losses (this rank's), the learning rate and the global speed."""
+    def add_step(self, losses: Mapping[str, float | torch.Tensor], lr: float, images_per_s: float) -> None:
+        """One optimizer step's mean losses, the learning rate and the global speed. Losses may be 0-d
+        device tensors: they are summed there (in float64) and read once, at the epoch's end."""
         for key, value in losses.items():
+            value = value.double() if isinstance(value, torch.Tensor) else value
             self._epoch_losses[key] = self._epoch_losses.get(key, 0.0) + value
         self._epoch_steps += 1
         self._epoch_images_per_s.append(images_per_s)
@@ -118,7 +121,7 @@ class RunReport:
         the embedded default, which evaluates every 5th)."""
         steps = max(self._epoch_steps, 1)
         row: dict[str, float] = {"epoch": epoch, "step": step, "time_s": round(self.elapsed_s(), 1)}
-        row.update({f"loss_{k}": rounded(v / steps) for k, v in self._epoch_losses.items()})
+        row.update({f"loss_{k}": rounded(float(v) / steps) for k, v in self._epoch_losses.items()})
         row["lr"] = rounded(self._lr)
         speeds = self._epoch_images_per_s
         row["images_per_s"] = rounded(float(np.median(speeds))) if speeds else math.nan

@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adyolo.engine.batching import BatchSplit
+from adyolo.engine.accelerator import Launch
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA, zero3_gather
 from adyolo.engine.optim import Schedule, build_optimizer
@@ -29,80 +29,78 @@ def seeded_model(model_cfg: ModelConfig, seed: int) -> nn.Module:
     return build_model(model_cfg)
 
 
-def configure_model(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """SyncBatchNorm, channels_last and torch.compile as `train` asks (compile is in place: the state
-    dict keys, the EMA and checkpoints stay as they are)."""
+def configure_model(model: nn.Module, train: TrainConfig, channels_last: bool) -> nn.Module:
+    """SyncBatchNorm (on CUDA), the memory format and torch.compile as `train` asks (compile is in place:
+    the state dict keys, the EMA and checkpoints stay as they are). `channels_last`: the resolved setting."""
     if train.sync_batchnorm and torch.cuda.is_available():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if train.channels_last is True:  # "auto" is resolved by the run (resolve_channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if train.compile:
         model.compile()
     return model
 
 
+@dataclass(frozen=True)
+class TrainingConfigs:
+    """The config sections the training objects are built from."""
+
+    model: ModelConfig
+    loss: LossConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+
 @dataclass
 class PreparedTraining:
     step: TrainStep  # over the prepared model and optimizer, with the loss, schedule and EMA
-    train_loader: DataLoader | None  # prepared (sharded over the ranks)
-    val_loader: DataLoader | None
+    train_loader: DataLoader | None  # this rank's micro-batches
+    val_loader: DataLoader | None  # prepared (sharded over the ranks)
 
 
 def prepare_training(
     model: nn.Module,
-    model_cfg: ModelConfig,
-    loss_cfg: LossConfig,
-    optim: OptimConfig,
-    train: TrainConfig,
+    cfgs: TrainingConfigs,
     accelerator: Accelerator,
-    split: BatchSplit,
-    zero_stage: int,
+    launch: Launch,
     epochs: int,
+    *,
     train_loader: DataLoader | None = None,
     val_loader: DataLoader | None = None,
     steps_per_epoch: int | None = None,
     phases: PhaseTimes | None = None,
 ) -> PreparedTraining:
-    """Wrap `model` (freshly built from `model_cfg`, identical on every rank), build its loss and
-    optimizer, let the accelerator prepare them with the loaders, start the EMA from its weights.
+    """Wrap `model` (freshly built from `cfgs.model`, identical on every rank), build its loss and
+    optimizer, let the accelerator prepare them (and the validation loader), start the EMA from its weights.
 
-    The learning-rate schedule spans `epochs` of the prepared training loader's optimizer steps (or
+    `train_loader` yields this rank's micro-batches of the launch's split (a `GlobalBatchSampler`; it is
+    not sharded again). The learning-rate schedule spans `epochs` of its optimizer steps (or
     `steps_per_epoch` of them, without a training loader). `phases`, when given, times the step's parts."""
-    model = configure_model(model, train)
-    loss_fn = DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes)
-    optimizer = build_optimizer(model, optim, split.global_batch)
-    loaders = [loader for loader in (train_loader, val_loader) if loader is not None]
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed is not None and train_loader is None:
-        # DeepSpeed reads the micro-batch from a loader; without one it must be stated.
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = split.micro_batch
-    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
-    prepared = iter(loaders)
-    train_loader = next(prepared) if train_loader is not None else None
-    val_loader = next(prepared) if val_loader is not None else None
-    set_seed(train.seed, device_specific=True)  # per-rank streams for stochastic depth
+    model = configure_model(model, cfgs.train, launch.channels_last)
+    loss_fn = DetectionLoss(cfgs.loss, model.head.anchors, model.head.strides, cfgs.model.num_classes)
+    optimizer = build_optimizer(model, cfgs.optim, launch.split.global_batch)
+    if val_loader is not None:
+        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfgs.train.seed, device_specific=True)  # per-rank streams for stochastic depth
 
-    gather = {"gather": zero3_gather} if zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
-    fresh = build_model(model_cfg).to(accelerator.device)
-    if train.channels_last is True:  # evaluated in the memory format the model trains in
+    gather = {"gather": zero3_gather} if launch.zero_stage == 3 else {}  # ZeRO-3 partitions the live weights
+    fresh = build_model(cfgs.model).to(accelerator.device)
+    if launch.channels_last:  # evaluated in the memory format the model trains in
         fresh = fresh.to(memory_format=torch.channels_last)
-    ema = ModelEMA(
-        fresh,
-        accelerator.unwrap_model(model),
-        train.ema_decay,
-        train.ema_ramp,
-        **gather,
-    )
+    ema = ModelEMA(fresh, accelerator.unwrap_model(model), cfgs.train.ema_decay, cfgs.train.ema_ramp, **gather)
     if train_loader is not None:
-        steps_per_epoch = len(train_loader) // split.accumulation
+        steps_per_epoch = train_loader.batch_sampler.steps
     step = TrainStep(
         model,
         optimizer,
         loss_fn,
-        Schedule(optim, steps_per_epoch, epochs),
-        grad_clip=optim.grad_clip,
+        Schedule(cfgs.optim, steps_per_epoch, epochs),
+        grad_clip=cfgs.optim.grad_clip,
+        global_batch=launch.split.global_batch,
         ema=ema,
-        channels_last=train.channels_last is True,
+        channels_last=launch.channels_last,
         accelerator=accelerator,
         phases=phases,
     )
@@ -121,7 +119,7 @@ def bare_step(
     same wrapping, loss, optimizer, schedule and EMA as `prepare_training`, one micro-batch per window.
     What the micro-batch probe and `launch/model_info.py` run."""
     with device:  # built where it runs: no copy, and no module conversion (which fake tensors refuse)
-        model = configure_model(build_model(model_cfg), train)
+        model = configure_model(build_model(model_cfg), train, train.channels_last is True)
         ema = ModelEMA(build_model(model_cfg), model, train.ema_decay, train.ema_ramp)
     return TrainStep(
         model,

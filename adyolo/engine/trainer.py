@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from adyolo.engine.config import LogConfig, TrainConfig
 from adyolo.engine.memory import fullest_rank_gib, per_rank_metrics, reset_peaks, snapshot
 from adyolo.engine.phases import PhaseTimes, format_breakdown
 from adyolo.engine.report import RunReport
-from adyolo.engine.step import TrainStep, Window
+from adyolo.engine.step import LOSS_TERMS, TrainStep, Window
 from adyolo.eval.evaluator import predict, score
 from adyolo.failures import EXIT_NONFINITE, EXIT_STOPPED_BY_SIGNAL, RunFailure, WriteFailed
 from adyolo.tracking import Tracker
@@ -76,6 +77,7 @@ class Trainer:
         self._nonfinite_from_step = 0  # the step after which the current streak of non-finite losses began
         self._bad_images: set[int] = set()  # unreadable images met on this rank since the last log
         self._epoch_peak_gib = 0.0  # the fullest rank's peak memory in this epoch (0: not measured yet)
+        self._bar = None  # the epoch's progress bar (its text is updated where values are logged)
 
     @property
     def _loss_terms(self) -> list[str]:
@@ -158,13 +160,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _train_epoch(self) -> None:
         parts, state, acc = self.parts, self.parts.state, self.acc
-        parts.train_loader.set_epoch(state.epoch)
+        sampler = parts.train_loader.batch_sampler  # this rank's micro-batches (`GlobalBatchSampler`)
+        sampler.set_epoch(state.epoch)
         parts.train_loader.dataset.set_epoch(state.epoch, self.epochs)
-        loader = parts.train_loader
-        if state.batches_in_epoch:  # resuming mid-epoch: skip what was already trained on
-            loader = acc.skip_first_batches(parts.train_loader, state.batches_in_epoch)
+        sampler.skip(state.batches_in_epoch)  # resuming mid-epoch: what was already trained on
         self.step.model.train()
-        bar = tqdm(
+        self._bar = bar = tqdm(
             total=len(parts.train_loader),
             initial=state.batches_in_epoch,
             desc=f"epoch {state.epoch + 1}/{self.epochs}",
@@ -172,30 +173,24 @@ class Trainer:
             dynamic_ncols=True,
             leave=True,
         )
-        window = Window()
         with bar:  # closed however the epoch ends, so that a message after it starts on its own line
-            for batch in self.phases.batches(loader):
-                state.batches_in_epoch += 1
-                micro = self.step(batch, window, state.step)
-                if micro.nonfinite:
+            for batches in windows(self.phases.batches(parts.train_loader), self.step.accumulation):
+                window = self.step(batches, state.step)
+                state.batches_in_epoch += len(batches)
+                bar.update(len(batches))
+                for _ in range(window.nonfinite):
                     self._count_nonfinite()
-                bar.update(1)
-                if micro.window_ended:
-                    if window.stepped:
-                        state.step += 1
-                        if not window.nonfinite:
-                            state.nonfinite_in_a_row = 0
-                        self._bad_images |= window.skipped
-                        with self.phases("logging"):
-                            if acc.is_main_process:
-                                losses = window.mean_losses()
-                                rate = window.images_per_s() * acc.num_processes
-                                self.parts.report.add_step({k: losses[k] for k in self._loss_terms}, window.lr, rate)
-                            bar.set_postfix_str(
-                                f"{window.postfix()} | {float(snapshot(self.acc.device)[0]):.2f} GiB peak"
-                            )
-                        self._after_optimizer_step(window)
-                    window = Window()
+                if window.stepped:
+                    state.step += 1
+                    if not window.nonfinite:
+                        state.nonfinite_in_a_row = 0
+                    self._bad_images |= window.skipped
+                    if acc.is_main_process:
+                        terms = dict(zip(LOSS_TERMS, window.terms))  # device values, read at the epoch's end
+                        terms["total"] = sum(terms.values())
+                        rate = window.images_per_s() * acc.num_processes
+                        self.parts.report.add_step({k: terms[k] for k in self._loss_terms}, window.lr, rate)
+                    self._after_optimizer_step(window)
 
     def _after_optimizer_step(self, window: Window) -> None:
         state = self.parts.state
@@ -213,7 +208,7 @@ class Trainer:
         acc, state = self.acc, self.parts.state
         gathered = acc.gather(snapshot(acc.device).to(acc.device)[None]).cpu()
         reset_peaks(acc.device)
-        losses = window.mean_losses()
+        losses = window.losses()
         metrics = {f"train/loss_{k}": losses[k] for k in self._loss_terms}
         metrics.update(
             {
@@ -223,9 +218,12 @@ class Trainer:
             }
         )
         metrics.update(per_rank_metrics(gathered, acc.device.type))
-        self._epoch_peak_gib = max(self._epoch_peak_gib, fullest_rank_gib(gathered, acc.device.type))
+        peak = fullest_rank_gib(gathered, acc.device.type)
+        self._epoch_peak_gib = max(self._epoch_peak_gib, peak)
         self.parts.tracker.log_metrics(metrics, step=state.step)
         self._log_counters()
+        text = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "cls")
+        self._bar.set_postfix_str(f"{text} | {metrics['train/images_per_s']:.1f} img/s | {peak:.2f} GiB peak")
 
     def _log_counters(self) -> None:
         """Counters of what went wrong, charted from the first time they are not 0. Unreadable images
@@ -374,6 +372,17 @@ class Trainer:
 
     def _any_rank_signalled(self) -> bool:
         return any_rank(self.acc, bool(self._stop_signal))
+
+
+def windows(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive groups of `size` batches: the micro-batches of each optimizer step (the sampler's
+    epochs hold whole steps)."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
 
 
 __all__ = ["Trainer", "TrainerParts"]

@@ -14,16 +14,15 @@ as the process's RSS holds the framework too.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
 from pathlib import Path
 
 from adyolo.config import load_run_config
-from adyolo.data.batch import synthetic_batch
-from adyolo.engine.accelerator import build_accelerator
-from adyolo.engine.setup import prepare_training, seeded_model
+from adyolo.engine.accelerator import start_launch
+from adyolo.engine.batching import synthetic_micro_batches
+from adyolo.engine.setup import TrainingConfigs, prepare_training, seeded_model
 from adyolo.plan.trace import PeakMemTracker, categories
 
 
@@ -32,22 +31,14 @@ def measure_run(overrides: list[str], out: Path, config: str | None = None) -> d
     cfg = load_run_config(config, overrides)
     tracker = PeakMemTracker()
     with tracker:
-        accelerator, split, _, zero_stage = build_accelerator(cfg.train, cfg.optim, out)
+        launch, accelerator = start_launch(cfg.train, cfg.optim, out)
+        split, zero_stage = launch.split, launch.zero_stage
+        configs = TrainingConfigs(cfg.model, cfg.loss, cfg.optim, cfg.train)
         prepared = prepare_training(
-            seeded_model(cfg.model, cfg.train.seed),
-            cfg.model,
-            cfg.loss,
-            cfg.optim,
-            cfg.train,
-            accelerator,
-            split,
-            zero_stage,
-            epochs=1,
-            steps_per_epoch=1,
+            seeded_model(cfg.model, cfg.train.seed), configs, accelerator, launch, epochs=1, steps_per_epoch=1
         )
         device = accelerator.device
-        batch = synthetic_batch(split.micro_batch, cfg.model.img_size, device, seed=accelerator.process_index)
-        batches = itertools.repeat(batch)
+        batches = synthetic_micro_batches(split, accelerator.process_index, cfg.model.img_size, device)
         prepared.step.run_window(batches, step=0)
         with tracker.phases() as peaks:
             prepared.step.run_window(batches, step=1)

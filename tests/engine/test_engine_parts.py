@@ -11,10 +11,11 @@ import types
 import psutil
 import pytest
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration
 from mlflow.tracking import MlflowClient
 
 from adyolo.engine.autobatch import largest_fitting
-from adyolo.engine.batching import BatchSplitError, micro_batch_candidates, split_global_batch
+from adyolo.engine.batching import BatchSplitError, GlobalBatchSampler, micro_batch_candidates, split_global_batch
 from adyolo.engine.checkpoint import LATEST, RUN_FILE, _free_name, _point_latest, _prune, resolve_resume
 from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
@@ -34,13 +35,73 @@ def test_global_batch_40_splits():
     assert str(split_global_batch(40, 4)) == "global batch 40 = micro-batch 10 x 4 ranks x 1 accumulation step"
     split = split_global_batch(40, 2, micro_batch=5)
     assert (split.micro_batch, split.accumulation) == (5, 4)
-    assert micro_batch_candidates(40, 4) == [10, 5, 2, 1]
-    with pytest.raises(BatchSplitError, match="train.global_batch=40 does not divide over 3 ranks"):
-        split_global_batch(40, 3)
-    with pytest.raises(
-        BatchSplitError, match=r"train.micro_batch=3 does not divide the 20 images per rank.*\[1, 2, 4, 5, 10, 20\]"
-    ):
-        split_global_batch(40, 2, micro_batch=3)
+    assert micro_batch_candidates(40, 4) == [10, 5, 4, 3, 2, 1]
+    # A micro-batch that does not divide the rank's images: as many accumulation steps as it needs,
+    # micro-batches as equal as possible and none larger than asked.
+    split = split_global_batch(40, 2, micro_batch=3)
+    assert (split.accumulation, split.micro_sizes(0)) == (7, [3, 3, 3, 3, 3, 3, 2])
+    with pytest.raises(BatchSplitError, match="train.micro_batch=1 needs 3 micro-batches.*micro_batch >= 2"):
+        split_global_batch(40, 16, micro_batch=1)
+    with pytest.raises(BatchSplitError, match="cannot be split over 41 ranks.*at most 40 processes"):
+        split_global_batch(40, 41)
+
+
+@pytest.mark.parametrize("world", range(1, 41))
+def test_every_rank_count_up_to_the_global_batch_splits_it_exactly(world):
+    for micro in (None, 2, 5):
+        try:
+            split = split_global_batch(40, world, micro)
+        except BatchSplitError:
+            assert micro is not None and micro < math.ceil(40 / world)  # only a micro-batch too small fails
+            continue
+        sizes = [split.micro_sizes(r) for r in range(world)]
+        assert sum(map(sum, sizes)) == 40 and all(len(s) == split.accumulation for s in sizes)
+        assert max(map(max, sizes)) == split.micro_batch and min(map(min, sizes)) >= 1
+        assert max(map(max, sizes)) - min(map(min, sizes)) <= 1  # as even as the numbers allow
+        assert micro is None or split.micro_batch <= micro
+
+
+def test_uneven_split_text_and_shares():
+    split = split_global_batch(40, 16)
+    assert split.shares() == [(8, 3), (8, 2)]
+    assert str(split) == "global batch 40 = 8 ranks x 3 + 8 ranks x 2 images (micro-batch 3 / 2, 1 accumulation step)"
+    assert str(split_global_batch(40, 3)).startswith("global batch 40 = 1 rank x 14 + 2 ranks x 13 images")
+
+
+@pytest.mark.parametrize(("world", "micro"), [(1, None), (3, None), (2, 3), (16, None)])
+def test_the_sampler_gives_every_image_of_an_epoch_to_one_rank_once(world, micro):
+    split = split_global_batch(40, world, micro)
+    samplers = [GlobalBatchSampler(123, split, r, seed=5) for r in range(world)]
+    for sampler in samplers:
+        sampler.set_epoch(2)
+    batches = [list(s) for s in samplers]
+    assert all(len(b) == len(s) == 3 * split.accumulation for b, s in zip(batches, samplers))  # 3 whole steps
+    seen = [i for rank in batches for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) == 120  # 123 images: 3 steps of 40, the rest dropped
+    for step in range(3):  # each step holds its 40 images, each rank its share
+        window = slice(step * split.accumulation, (step + 1) * split.accumulation)
+        assert [sum(map(len, b[window])) for b in batches] == [split.rank_images(r) for r in range(world)]
+    samplers[0].set_epoch(3)
+    assert list(samplers[0]) != batches[0]  # reshuffled per epoch
+    samplers[0].set_epoch(2)
+    samplers[0].skip(2)
+    assert list(samplers[0]) == batches[0][2:]  # a resumed epoch goes on where it stopped
+
+
+def test_one_rank_batches_the_order_accelerate_gave():
+    """One rank, no accumulation: the batches of Accelerate's seedable sampler, so a one-process run (the
+    embedded default) trains on the images in the same order as before the sampler existed."""
+    data = list(range(50))
+    torch.manual_seed(7)  # Accelerate seeds its sampler from torch's initial seed
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, drop_last=True)
+    prepared = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)).prepare(
+        loader
+    )
+    sampler = GlobalBatchSampler(50, split_global_batch(8, 1), rank=0, seed=7)
+    for epoch in (0, 1):
+        prepared.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        assert [b.tolist() for b in prepared] == list(sampler)
 
 
 def test_parameter_groups_keep_decay_off_batchnorm_and_biases():
@@ -173,7 +234,9 @@ def test_a_run_folder_is_not_overwritten_and_a_resume_must_fit(tmp_path):
     # Without ZeRO the state is whole: any number of ranks, at the same position in the epoch.
     (folder / RUN_FILE).write_text(json.dumps({**saved, "zero_stage": 0}))
     assert check_resume(folder, config, 1, 0)["world_size"] == 2
-    assert resumed_batches({**saved, "zero_stage": 0}, 3, 8, 1) == 3  # 3 x 4 x 2 images = 3 x 8 x 1
+    # 3 micro-batches of 4 on each of 2 ranks = 3 steps of 8: on one rank at micro-batch 2, 3 x 4.
+    assert resumed_batches({**saved, "zero_stage": 0}, 3, split_global_batch(8, 1, 2)) == 12
+    assert resumed_batches({**saved, "accumulation": 3}, 6, split_global_batch(8, 3)) == 2
 
 
 def test_portable_weights_round_trip(tmp_path):
@@ -255,7 +318,7 @@ def test_auto_micro_batch_takes_the_largest_that_fits():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.93 GiB")
 
     assert largest_fitting(micro_batch_candidates(40, 2), fits) == 4  # then accumulation 5 keeps 40
-    assert tried == [20, 10, 5, 4]
+    assert tried == [20, 10, 7, 5, 4]
     with pytest.raises(RuntimeError, match="not even a micro-batch of 1 fits"):
         largest_fitting([2, 1], lambda m: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
 

@@ -72,16 +72,18 @@ def wait_for_end(cluster, job: str, timeout: float) -> str:
 
 
 def test_two_nodes_train_to_completion_under_zero2(cluster, tmp_path):
-    proc = sbatch(cluster, tmp_path, wait=True)
+    """A global batch the ranks do not divide (3 images over 2 ranks) trains all of it every step."""
+    proc = sbatch(cluster, tmp_path, "train.global_batch=3", wait=True)
     job = proc.stdout.split()[-1]
     log = (tmp_path / f"adyolo-{job}.out").read_text()
     assert proc.returncode == 0, log[-3000:]
     assert "2 nodes x 1 processes" in log and "DeepSpeed ZeRO-2" in log
+    assert "global batch 3 = 1 rank x 2 + 1 rank x 1 images" in log
     client, run = mlflow_run(tmp_path / "run")
     assert run.data.params["world_size"] == "2" and run.data.params["zero_stage"] == "2"
     assert run.data.tags["slurm.job_id"] == job and run.data.tags["slurm.job_nodelist"] == "n[1-2]"
-    for rank in (0, 1):  # both ranks took part and reported their memory
-        assert len(history(client, run, f"memory/peak_rss_gib/rank{rank}")) == 8
+    for rank in (0, 1):  # both ranks took part and reported their memory: 2 epochs of 16 // 3 steps
+        assert len(history(client, run, f"memory/peak_rss_gib/rank{rank}")) == 10
     assert (tmp_path / "run" / "best.pt").exists()
 
 
