@@ -40,7 +40,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: the embedded default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.img_size=320")
-    parser.add_argument("--gpus", default="1,2,4,8", help="numbers of GPUs (comma list)")
+    parser.add_argument(
+        "--gpus", default="1,2,3,4,6,8,12,16,32", help="numbers of GPUs (comma list; any count splits the global batch)"
+    )
     sizes = ",".join(f"{s:g}" for s in GPU_SIZES_GIB)
     parser.add_argument("--gpu-memory-gib", default=sizes, help="GPU sizes in GiB (comma list)")
     parser.add_argument("--zero", default="2", choices=["0", "1", "2", "2_offload", "3"], help="ZeRO stage (0: DDP)")

@@ -74,9 +74,10 @@ def resolve_precision(
     train: TrainConfig, ds: DeepSpeedSettings | None, device: str, local_rank: int = 0
 ) -> tuple[str, str]:
     """-> (precision "bf16" | "fp32", why, in words). An explicit `train.precision` is the run's (under
-    DeepSpeed it sets the JSON's torch_autocast for this run). "auto": the DeepSpeed JSON's, or bf16 on a
-    device with native bf16 (CUDA compute capability 8.0+, a CPU with AVX512-BF16 or AMX), but fp32 where
-    bf16 would be emulated (V100, T4, older CPUs). Explicit bf16 on a GPU without native bf16 is refused."""
+    DeepSpeed it sets the JSON's torch_autocast for this run). "auto": bf16 on a device with native bf16
+    (CUDA compute capability 8.0+, a CPU with AVX512-BF16 or AMX), fp32 where bf16 would be emulated
+    (V100, T4, older CPUs); under DeepSpeed the JSON's, except bf16 on a GPU without native bf16, which
+    becomes fp32. Explicit bf16 on a GPU without native bf16 is refused."""
     native = native_bf16(device, local_rank)
     where = torch.cuda.get_device_name(local_rank) if device == "cuda" else "this CPU"
     if train.precision == "bf16":
@@ -89,15 +90,12 @@ def resolve_precision(
         return "bf16", "train.precision"
     if train.precision == "fp32":
         return "fp32", "train.precision"
-    wanted = ds is None or ds.bf16_autocast
-    source = "the DeepSpeed JSON" if ds is not None else "auto"
-    if wanted and native:
-        return "bf16", f"{source}: {where} has native bf16"
-    if wanted:
-        return "fp32", f"auto: {where} has no native bf16" + (
-            "; the JSON's torch_autocast is off for this run" if ds else ""
-        )
-    return "fp32", f"{source}: torch_autocast off"
+    if ds is not None:
+        if ds.bf16_autocast and device == "cuda" and not native:
+            return "fp32", f"auto: {where} has no native bf16; the JSON's torch_autocast is off for this run"
+        # On a CPU the JSON decides, as without a GPU it always has: emulated bf16 is slower, not wrong.
+        return ("bf16", "the DeepSpeed JSON") if ds.bf16_autocast else ("fp32", "the DeepSpeed JSON")
+    return ("bf16", f"auto: {where} has native bf16") if native else ("fp32", f"auto: {where} has no native bf16")
 
 
 def resolve_channels_last(train: TrainConfig, precision: str, device: str, deepspeed: bool) -> bool:

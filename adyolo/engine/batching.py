@@ -34,7 +34,8 @@ class BatchSplit:
         if not 1 <= self.world_size <= self.global_batch:
             raise BatchSplitError(
                 f"train.global_batch={self.global_batch} cannot be split over {self.world_size} ranks: every rank "
-                f"needs at least one image per step; launch at most {self.global_batch} processes, or raise "
+                f"needs at least one image per step; launch at most {self.global_batch} "
+                f"process{'es' if self.global_batch > 1 else ''}, or raise "
                 "train.global_batch"
             )
         if not 1 <= self.accumulation <= self.global_batch // self.world_size:

@@ -124,6 +124,13 @@ class LogConfig:
     """Time the run's phases (data wait, forward, loss, backward, optimizer + EMA, validation, checkpoints,
     logging), print the breakdown at the end and log it under `time/`. On a GPU this synchronises the
     device at each phase boundary (a few percent slower)."""
+    progress_interval_s: float = 30.0
+    """Where the output is not a terminal (Slurm logs, nohup, CI), a plain progress line this often (and one
+    at the end of every epoch) instead of a redrawn bar."""
     system_metrics: bool = True
     """MLflow system metrics (CPU, RAM, disk, network; GPUs where nvidia-ml-py is installed) of the main
     process's node, sampled every 10 s, under `system/` in the run."""
+
+    def __post_init__(self) -> None:
+        if self.progress_interval_s <= 0:
+            raise ConfigError("progress_interval_s", f"{self.progress_interval_s} must be positive")

@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from adyolo.engine.accelerator import any_rank
 from adyolo.engine.checkpoint import TrainingState, latest_folder, roll_back_latest, save_resumable, write_failure
@@ -30,6 +29,7 @@ from adyolo.engine.report import RunReport
 from adyolo.engine.step import LOSS_TERMS, TrainStep, Window
 from adyolo.eval.evaluator import predict, score
 from adyolo.failures import EXIT_NONFINITE, EXIT_STOPPED_BY_SIGNAL, RunFailure, WriteFailed
+from adyolo.progress import Progress
 from adyolo.tracking import Tracker
 from adyolo.weights import save_weights
 
@@ -165,13 +165,12 @@ class Trainer:
         parts.train_loader.dataset.set_epoch(state.epoch, self.epochs)
         sampler.skip(state.batches_in_epoch)  # resuming mid-epoch: what was already trained on
         self.step.model.train()
-        self._bar = bar = tqdm(
+        self._bar = bar = Progress(
             total=len(parts.train_loader),
             initial=state.batches_in_epoch,
             desc=f"epoch {state.epoch + 1}/{self.epochs}",
             disable=not acc.is_main_process,
-            dynamic_ncols=True,
-            leave=True,
+            every_s=self.log.progress_interval_s,
         )
         with bar:  # closed however the epoch ends, so that a message after it starts on its own line
             for batches in windows(self.phases.batches(parts.train_loader), self.step.accumulation):

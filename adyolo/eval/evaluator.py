@@ -12,7 +12,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from adyolo.eval.coco_map import coco_map50
 from adyolo.eval.widerface.ground_truth import image_id
@@ -20,6 +19,7 @@ from adyolo.eval.widerface.protocol import SETTINGS, ImageGroundTruth, PRCurve, 
 from adyolo.layout import DetectionRow, TargetRow
 from adyolo.predict.detector import detect_batch
 from adyolo.predict.postprocess import unletterbox
+from adyolo.progress import Progress
 
 # One image's evaluation record: (path, detections [K, 16] `DetectionRow`, ground truth [N, 4] x y w h),
 # in the original image's pixels.
@@ -48,7 +48,7 @@ def predict(
     was_training = model.training
     model.eval()
     results = []
-    for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not progress, dynamic_ncols=True):
+    for batch in Progress(loader, desc="validate", unit="batch", leave=False, disable=not progress):
         images = batch["images"].to(device, non_blocking=True)
         detections = detect_batch(model, images, autocast_dtype, conf_threshold, iou_threshold)
         targets = batch["targets"].cpu()

@@ -22,7 +22,7 @@ import torch
 
 from adyolo.config import RunConfig
 from adyolo.engine.accelerator import LaunchSettings
-from adyolo.engine.batching import BatchSplit, split_global_batch
+from adyolo.engine.batching import BatchSplit, micro_batch_candidates, split_global_batch
 from adyolo.plan.planner import CHECKPOINT_LADDER, Planner, Prediction, Setting, checkpoint_name
 from adyolo.plan.terms import GIB, ZeroSettings
 from adyolo.schema import ConfigError
@@ -144,12 +144,13 @@ def plan_run(cfg: RunConfig, launch: LaunchSettings, main_process: bool) -> tupl
         None if fixed_micro is None else (fixed_micro,),
     )
     if chosen is None:
-        least = planner.predict(Setting(1, global_batch // world, checkpoints[-1]), world, zero, device)
+        fewest = split_global_batch(global_batch, world, micro_batch_candidates(global_batch, world)[-1])
+        least = planner.predict(Setting(fewest.micro_batch, fewest.accumulation, checkpoints[-1]), world, zero, device)
         raise ConfigError(
             auto[0],
-            f"auto: nothing fits {budget:.1f} GiB per rank; the least memory (micro-batch 1, checkpointing "
-            f"{checkpoints[-1]}) is predicted at {(least.device_total + private) / GIB:.1f} GiB. Use more ranks, "
-            "a smaller model.img_size or model.size, or raise train.memory_budget_gib",
+            f"auto: nothing fits {budget:.1f} GiB per rank; the least memory (micro-batch {fewest.micro_batch}, "
+            f"checkpointing {checkpoints[-1]}) is predicted at {(least.device_total + private) / GIB:.1f} GiB. "
+            "Use more ranks, a smaller model.img_size or model.size, or raise train.memory_budget_gib",
         )
     setting = chosen.setting
     cfg = dataclasses.replace(

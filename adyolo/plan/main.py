@@ -32,7 +32,7 @@ GPU_SIZES_GIB = [16.0, 24.0, 32.0, 40.0, 80.0, 141.0]
 class PlanRequest:
     """What `launch/plan.py` asks for (its flags)."""
 
-    gpus: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    gpus: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16, 32])  # uneven splits included
     gpu_memory_gib: list[float] = field(default_factory=lambda: list(GPU_SIZES_GIB))
     zero: str = "2"  # the ds_configs/zero<N>.json to plan with; "0": plain DDP
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))

@@ -173,14 +173,14 @@ class Planner:
     ) -> Prediction | None:
         """The least recompute, then the fewest accumulation steps, that fit `budget_gib` per rank; None
         if nothing does. `checkpoints` (names, least recompute first) and `micro_batches` restrict the
-        choice (e.g. to a setting the user fixed). Raises BatchSplitError when the global batch does not
-        divide over the ranks."""
+        choice (e.g. to a setting the user fixed). The micro-batch is a rank's largest (an uneven split's
+        larger share). Raises BatchSplitError when there are more ranks than images."""
         split_global_batch(global_batch, world_size)
         micros = micro_batch_candidates(global_batch, world_size)
         micros = [m for m in micros if micro_batches is None or m in micro_batches]
         for checkpoint in checkpoints:
             for micro in micros:
-                accumulation = global_batch // world_size // micro
+                accumulation = split_global_batch(global_batch, world_size, micro).accumulation
                 prediction = self.predict(Setting(micro, accumulation, checkpoint), world_size, zero, device)
                 if prediction.fits(budget_gib):
                     return prediction

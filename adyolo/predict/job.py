@@ -19,12 +19,12 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from adyolo.data.dataset import list_images
 from adyolo.layout import NUM_LANDMARKS, DetectionRow
 from adyolo.model import fold_batchnorm_
 from adyolo.predict.detector import Detector, resolve_device
+from adyolo.progress import Progress
 from adyolo.viz import draw_detections
 from adyolo.weights import load_weights
 
@@ -168,7 +168,7 @@ def detect_video(detector: Detector, path: Path, out: Path, batch: int) -> tuple
             yield frame
 
     try:
-        with tqdm(total=total, desc="detect", unit="frame") as bar:
+        with Progress(total=total, desc="detect", unit="frame") as bar:
             for chunk in batched(read_frames(), batch):
                 for frame, dets in zip(chunk, detector(chunk)):
                     writer.write(draw_detections(frame, dets))

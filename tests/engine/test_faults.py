@@ -69,18 +69,18 @@ def user_dataset(root: Path, images: int, faces_per_image: int = 1, labels: str 
 def test_exit_codes_survive_the_launcher(synthetic, tmp_path):
     """A bad config on 2 ranks: one line, code 2 through launch/launch.py; `accelerate launch` alone
     reports 1 (torchrun's own code) but still one line from the ranks."""
-    bad = train_command(tmp_path / "bad", synthetic, "train.global_batch=5", launcher="zero2")
+    bad = train_command(tmp_path / "bad", synthetic, "train.global_batch=1", launcher="zero2")
     proc = run(wrapped(bad), timeout=120)
     assert proc.returncode == 2
-    one_line_error(proc, "train.global_batch=5 does not divide over 2 ranks")
+    one_line_error(proc, "train.global_batch=1 cannot be split over 2 ranks")
     plain = run(bad, timeout=120)
-    assert plain.returncode == 1 and plain.stderr.count("does not divide over 2 ranks") == 1
+    assert plain.returncode == 1 and plain.stderr.count("cannot be split over 2 ranks") == 1
     # DeepSpeed's own launcher passes the ranks' code on as it is.
     deepspeed = [str(ACCELERATE.with_name("deepspeed")), "--num_gpus", "2", *bad[bad.index(str(TRAIN)) :]]
     proc = subprocess.run(
         deepspeed, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**environment(), "DS_ACCELERATOR": "cpu"}
     )
-    assert proc.returncode == 2 and (proc.stdout + proc.stderr).count("does not divide over 2 ranks") == 1
+    assert proc.returncode == 2 and (proc.stdout + proc.stderr).count("cannot be split over 2 ranks") == 1
     # A DeepSpeed JSON that is not there: named once, before any process group.
     config = tmp_path / "accelerate.yaml"
     text = (ROOT / "ds_configs" / "accelerate_zero2.yaml").read_text()

@@ -110,9 +110,9 @@ def test_sigterm_saves_a_resumable_checkpoint(synthetic, tmp_path):
 
 
 def test_bad_config_fails_on_every_rank_before_any_work(synthetic, tmp_path):
-    proc = run(train_command(tmp_path / "bad", synthetic, "train.global_batch=5", launcher="zero2"), timeout=120)
+    proc = run(train_command(tmp_path / "bad", synthetic, "train.global_batch=1", launcher="zero2"), timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("train.global_batch=5 does not divide over 2 ranks") == 1  # from the main rank
+    assert proc.stderr.count("train.global_batch=1 cannot be split over 2 ranks") == 1  # from the main rank
     assert not (tmp_path / "bad").exists()
     proc = run(train_command(tmp_path / "bad", synthetic, "model.fusoin=full"), timeout=60)
     assert proc.returncode == 2 and "model.fusoin: unknown key; did you mean 'fusion'?" in proc.stderr

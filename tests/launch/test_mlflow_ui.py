@@ -173,6 +173,10 @@ def test_the_terminal_ends_with_a_summary_and_without_known_library_noise(traine
     for noise in ("untested optimizer", "all_gather_into_tensor", "Creating initial MLflow database", "; NO"):
         assert noise not in text
     assert text.count("epoch 3: ap_easy") == 1  # once, by the main rank
+    # Output to a pipe (as under Slurm or nohup): plain progress lines, at least one per epoch, no redraws.
+    assert "\r" not in text
+    for epoch in range(1, EPOCHS + 1):
+        assert f"epoch {epoch}/{EPOCHS}: 100% {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} [" in proc.stderr
 
 
 def test_time_per_phase_of_every_rank(mlrun):

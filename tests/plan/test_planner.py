@@ -39,8 +39,11 @@ def test_least_recompute_first_then_fewest_accumulation_steps():
     chosen = planner.recommend(40, 4, zero, 16).setting
     assert (chosen.micro_batch, chosen.accumulation) == (10, 1)
     assert planner.recommend(40, 1, zero, 1.0) is None  # nothing fits
+    # Ranks that do not divide the batch: planned by the larger share (14 of 40 on 3 ranks, as 7 x 2).
+    chosen = planner.recommend(40, 3, zero, 16).setting
+    assert (chosen.micro_batch, chosen.accumulation) == (7, 2)
     with pytest.raises(BatchSplitError):
-        planner.recommend(40, 3, zero, 16)
+        planner.recommend(40, 41, zero, 16)
 
 
 def test_the_device_total_adds_what_pytorch_does_not_see():
