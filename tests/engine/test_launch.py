@@ -293,3 +293,15 @@ def test_the_environment_report_names_the_refusal(monkeypatch):
     assert "launch: rank 0 of 8, local rank 0 of 4 on this node" in report
     assert "device: REFUSED: this node should have GPUs (SLURM_GPUS_ON_NODE=4)" in report
     assert "PyTorch version" in report and "DeepSpeed" in report
+
+
+def test_the_start_line_run_name_and_params_say_an_uneven_split():
+    from adyolo.run import run_name
+
+    cfg = load_run_config(ROOT / "launch" / "configs" / "widerface_s.yaml")
+    settings = LaunchSettings(16, 8, read_deepspeed_config(DS / "zero2.json"), "bf16", "cuda", "the DeepSpeed JSON")
+    launch = resolve_launch(settings, cfg.train)
+    assert run_name(cfg, launch) == "full-sdpa-s-640px-16gpu-40=8x3+8x2-zero2"
+    split = "global batch 40 = 8 ranks x 3 + 8 ranks x 2 images (micro-batch 3 / 2, 1 accumulation step)"
+    assert launch.params()["batch_split"] == split
+    assert launch.text() == f"{split}; bf16 autocast (the DeepSpeed JSON); DeepSpeed ZeRO-2 over 16 processes (cuda)"
