@@ -102,7 +102,7 @@ def make_plan(cfg: RunConfig, request: PlanRequest) -> Plan:
         )
         for name, changes in variants.items()
     }
-    _trace_in_parallel(planners)
+    _trace_in_parallel(planners, request.device)
     zero = zero_settings(request.zero)
     global_batch = cfg.train.global_batch
     curves = {
@@ -146,9 +146,10 @@ def _curve_batches(global_batch: int) -> list[int]:
     return [*batches, global_batch]
 
 
-def _trace_in_parallel(planners: dict[str, Planner]) -> None:
+def _trace_in_parallel(planners: dict[str, Planner], device: str) -> None:
     """Fill the trace cache for every variant and checkpointing, one process per core (tracing is
     single-threaded Python); then each planner reads the cache."""
+    policy = "cuda" if device == "gpu" else "cpu"
     jobs = [
         (
             dataclasses.replace(p.model, checkpoint=list(model_blocks(blocks, p.model))),
@@ -157,6 +158,7 @@ def _trace_in_parallel(planners: dict[str, Planner]) -> None:
             p.train,
             p.precision,
             p.cache_dir,
+            policy,
         )
         for p in planners.values()
         for blocks in CHECKPOINT_LADDER.values()
@@ -168,7 +170,7 @@ def _trace_in_parallel(planners: dict[str, Planner]) -> None:
             list(pool.map(_fill_cache, jobs))
     for planner in planners.values():
         for blocks in CHECKPOINT_LADDER.values():
-            planner.step_memory(blocks)
+            planner.step_memory(blocks, device)
 
 
 def _fill_cache(job: tuple) -> None:
