@@ -27,6 +27,7 @@ from adyolo.bench.runner import EXIT_OOM
 from adyolo.config import load_run_config
 from adyolo.data.batch import synthetic_batch
 from adyolo.engine.accelerator import build_accelerator, launch_settings
+from adyolo.engine.cuda_allocator import configure_cuda_allocator
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.memory import FIELDS, snapshot
 from adyolo.engine.setup import prepare_training
@@ -67,6 +68,7 @@ def train_steps(spec: dict, out: Path) -> dict | None:
     """Warm-up and timed optimizer steps; the result (main process) or None (other ranks)."""
     cfg = load_run_config(spec["config"], overrides(spec, spec))
     keep_freed_memory()  # as launch/train.py does
+    configure_cuda_allocator()  # likewise, before anything starts CUDA
     launch = launch_settings(cfg.train)
     accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, out)
     device = accelerator.device
