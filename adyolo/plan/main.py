@@ -59,7 +59,20 @@ class Plan:
             f"# {self.title}\n\nRecommended setting (micro-batch x accumulation, checkpointing) per number "
             f"of ranks and memory per rank, with its predicted memory per rank, GiB:\n\n"
             f"{recommendation_table(self.grid, sizes)}\nPredicted memory of one rank by micro-batch:\n\n"
-            f"{curve_table(self.curves, sizes)}"
+            f"{curve_table(self.curves, sizes)}{self.assumptions()}"
+        )
+
+    def assumptions(self) -> str:
+        """The GPU terms a CPU trace cannot measure, as this plan assumed them."""
+        if self.request.device != "gpu":
+            return ""
+        gpu = self.request.gpu
+        allocator = "expandable segments" if gpu.expandable_segments else "default settings"
+        return (
+            f"\nAssumed on the GPU (adyolo/plan/terms.py): attention kernel +{gpu.attention_kernel_excess:.0%} "
+            f"over the traced attention tensors (bf16), cuDNN/cuBLAS workspaces {gpu.workspace_gib:g} GiB "
+            f"(allocated), allocator reserve x{gpu.reserve:.2f} ({allocator}), CUDA context "
+            f"{gpu.cuda_context_gib:g} GiB, NCCL {gpu.nccl_gib:g} GiB per rank with several ranks.\n"
         )
 
     def as_dict(self) -> dict:
