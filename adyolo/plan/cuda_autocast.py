@@ -23,6 +23,7 @@ each model variant's forward and loss.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -205,9 +206,10 @@ def _in_lower_precision(op):
 def _promoted(op):
     def kernel(*args, **kwargs):
         with _below_autocast():
-            floats = [v.dtype for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor) and v.is_floating_point()]
-            widest = max(floats, key=lambda dtype: torch.finfo(dtype).bits, default=None)
-            if widest is not None:
+            tensors = [v for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+            floats = [t.dtype for t in tensors if t.is_floating_point()]
+            if floats:
+                widest = functools.reduce(torch.promote_types, floats)
                 to_widest = _cast(widest, tuple(d for d in floats if d != widest))
                 args, kwargs = tree_map(to_widest, args), tree_map(to_widest, kwargs)
             return op(*args, **kwargs)
@@ -221,7 +223,10 @@ def _eligible(value) -> bool:
 
 
 def _with_fp32_output(op):
-    dtype_at = [argument.name for argument in op._schema.arguments].index("dtype")
+    names = [argument.name for argument in op._schema.arguments]
+    if "dtype" not in names:  # no way to ask for the result's dtype: the nearest rule
+        return _in_fp32(op)
+    dtype_at = names.index("dtype")
 
     def kernel(*args, **kwargs):
         with _below_autocast():

@@ -26,7 +26,7 @@ from adyolo.plan.cuda_autocast import (
     registered,
 )
 from adyolo.plan.trace import bf16_autocast, trace_forward, trace_step
-from adyolo.plan.validate import check_cuda_policy
+from adyolo.plan.validate import CUDA_POLICY, check_cuda_policy
 
 try:  # fake CUDA tensors need a CUDA build of torch (no GPU)
     with FakeTensorMode():
@@ -137,11 +137,7 @@ def _normalised(ops: collections.Counter) -> collections.Counter:
 
 
 @needs_fake_cuda
-@pytest.mark.parametrize(
-    "variant",
-    [("full", "explicit", "gd"), ("full", "sdpa", "gd"), ("efficient", "sdpa", "gd"), ("efficient", "sdpa", "yolov5face")],
-    ids=lambda v: "-".join(v),
-)
+@pytest.mark.parametrize("variant", CUDA_POLICY, ids=lambda v: "-".join(v))
 def test_the_emulated_forward_of_each_variant_is_cudas(variant):
     """Model forward and loss: the same operators in the same dtypes as on fake CUDA tensors under
     CUDA's autocast, and the same activation memory (within the BatchNorm statistics' dtype)."""
