@@ -312,6 +312,16 @@ class _FusedAttentionOnFakeCuda(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def fake_cuda_available() -> bool:
+    """Whether this torch can make fake CUDA tensors (a CUDA build; no GPU needed)."""
+    try:
+        with FakeTensorMode():
+            torch.empty(1, device="cuda")
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
 def trace_forward(
     model_cfg: ModelConfig, loss_cfg: LossConfig, micro_batch: int, device: str = "cpu", policy: str = "cpu"
 ) -> ForwardTrace:

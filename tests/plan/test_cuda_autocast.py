@@ -25,16 +25,10 @@ from adyolo.plan.cuda_autocast import (
     cuda_autocast_policy,
     registered,
 )
-from adyolo.plan.trace import bf16_autocast, trace_forward, trace_step
+from adyolo.plan.trace import bf16_autocast, fake_cuda_available, trace_forward, trace_step
 from adyolo.plan.validate import CUDA_POLICY, check_cuda_policy
 
-try:  # fake CUDA tensors need a CUDA build of torch (no GPU)
-    with FakeTensorMode():
-        torch.empty(1, device="cuda")
-    FAKE_CUDA = True
-except (RuntimeError, AssertionError):
-    FAKE_CUDA = False
-needs_fake_cuda = pytest.mark.skipif(not FAKE_CUDA, reason="fake CUDA tensors need a CUDA build of torch")
+needs_fake_cuda = pytest.mark.skipif(not fake_cuda_available(), reason="fake CUDA tensors need a CUDA build of torch")
 
 
 def test_every_rule_cuda_autocast_has_is_accounted_for():
