@@ -5,7 +5,6 @@ side by side (`Jobs`), so the gpu-marked tests finish in a couple of minutes."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -13,11 +12,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from adyolo.config import load_run_config
+from adyolo.config import RunConfig, load_run_config
 from adyolo.data.synthetic import ensure_synthetic_dataset
 from adyolo.engine.cuda_allocator import ENV, NEWER_ENV
-from adyolo.engine.config import OptimConfig, TrainConfig
-from adyolo.loss.config import LossConfig
 from adyolo.model import ModelConfig
 from adyolo.plan.cost import step_memory
 from tests.engine.runs import LEARNABLE, ROOT, TINY, train_command
@@ -42,10 +39,6 @@ MEMORY_VARIANTS = {
 
 def memory_model(variant: str) -> ModelConfig:
     return ModelConfig(size="s", img_size=640, **MEMORY_VARIANTS[variant])
-
-
-def probe_model() -> ModelConfig:
-    return dataclasses.replace(ModelConfig(size="n", fusion="efficient"), img_size=320)
 
 
 def plan_cache_in(xdg_cache: Path) -> Path:
@@ -109,10 +102,18 @@ def run_job(command: list[str], out: Path, env: dict[str, str], timeout: float =
     return Finished(out, proc.returncode, proc.stdout + proc.stderr)
 
 
-def trace_job(model: ModelConfig, precision: str, cache: Path) -> None:
-    """Fill the plan cache for one model (as the GPU planner asks: CUDA autocast's policy)."""
-    cfg = TrainConfig()
-    step_memory(model, LossConfig(), OptimConfig(), cfg, precision, cache, policy="cuda")
+def traced_configs() -> dict[str, RunConfig]:
+    """What the session traces in the background: the configurations the memory tests plan
+    (`RunConfig(model=...)`) and the one the probe's run plans (its own config)."""
+    return {
+        **{variant: RunConfig(model=memory_model(variant)) for variant in MEMORY_VARIANTS},
+        "probe": load_run_config(TINY, PROBE),
+    }
+
+
+def trace_job(cfg: RunConfig, precision: str, cache: Path) -> None:
+    """Fill the plan cache for one configuration (as the GPU planner asks: CUDA autocast's policy)."""
+    step_memory(cfg.model, cfg.loss, cfg.optim, cfg.train, precision, cache, policy="cuda")
 
 
 class Jobs:
@@ -129,9 +130,8 @@ class Jobs:
 
     def start_traces(self) -> None:
         """The memory tests' traces and the probe's, one process each (tracing is single-threaded)."""
-        models = {**{v: memory_model(v) for v in MEMORY_VARIANTS}, "probe": probe_model()}
-        for name, model in models.items():
-            self._futures[f"trace:{name}"] = self._processes.submit(trace_job, model, "bf16", self.plan_cache)
+        for name, cfg in traced_configs().items():
+            self._futures[f"trace:{name}"] = self._processes.submit(trace_job, cfg, "bf16", self.plan_cache)
 
     def start_training(self) -> None:
         """Each mode's whole run, then its resumption from step 3 in a new folder."""

@@ -11,20 +11,24 @@ from pathlib import Path
 
 import torch
 
-from adyolo.config import load_run_config
+from adyolo.config import RunConfig, load_run_config
 from adyolo.engine.cuda_allocator import ENV, NEWER_ENV
+from adyolo.plan.cost import cache_key
 
 from .checks import check_bf16_step
 from .jobs import (
+    MEMORY_VARIANTS,
     MODES,
     PROBE_GLOBAL_BATCH,
     RESUME_STEP,
     config_of,
     gpu_environment,
+    memory_model,
     overrides_of,
     plan_cache_in,
     probe_command,
     resume_command,
+    traced_configs,
     whole_command,
 )
 
@@ -55,6 +59,19 @@ def test_the_gpu_runs_commands_are_valid(tmp_path):
     cfg = load_run_config(config_of(probe), overrides_of(probe))
     assert cfg.train.micro_batch == "auto" and cfg.train.global_batch == PROBE_GLOBAL_BATCH
     assert cfg.train.memory_budget_gib == 80.0 and cfg.train.auto_batch_memory_fraction == 0.004
+
+
+def test_the_background_traces_are_the_ones_the_tests_and_the_probe_run_read():
+    """A trace the session fills must be the one read later (the cache is keyed by the configuration):
+    the memory tests plan `RunConfig(model=...)`, the probe's run plans its own config."""
+    key = lambda cfg: cache_key(cfg.model, cfg.loss, cfg.optim, cfg.train, "bf16", "cuda")  # noqa: E731
+    traced = {name: key(cfg) for name, cfg in traced_configs().items()}
+    assert {v: key(RunConfig(model=memory_model(v))) for v in MEMORY_VARIANTS} == {
+        v: traced[v] for v in MEMORY_VARIANTS
+    }
+    probe_run = probe_command(Path("probe"), Path("syn"), budget_gib=80.0, fraction=0.004)
+    assert key(load_run_config(config_of(probe_run), overrides_of(probe_run))) == traced["probe"]
+    assert len(set(traced.values())) == len(traced)
 
 
 def test_gpu_runs_see_the_gpus_and_set_the_allocator_themselves(tmp_path, monkeypatch):
