@@ -17,6 +17,7 @@ from adyolo.plan.cost import cache_key
 
 from .checks import check_bf16_step
 from .jobs import (
+    EPOCHS,
     MEMORY_VARIANTS,
     MODES,
     PROBE_GLOBAL_BATCH,
@@ -46,7 +47,8 @@ def test_the_gpu_runs_commands_are_valid(tmp_path):
         resumed = resume_command(mode, tmp_path / mode, tmp_path / f"{mode}-resumed", synthetic)
         for command in (whole, resumed):
             cfg = load_run_config(config_of(command), overrides_of(command))  # every key exists
-            assert cfg.epochs == 3 and cfg.train.save_interval == RESUME_STEP and cfg.train.precision == "auto"
+            assert cfg.epochs == EPOCHS and cfg.train.save_interval == RESUME_STEP and cfg.train.precision == "auto"
+            assert cfg.optim.lr == 0.005 and cfg.train.eval_interval == EPOCHS
             assert str(ROOT / "launch" / "train.py") in command
             if launcher is None:
                 assert command[0] == sys.executable and _launcher_of(command) is None
