@@ -27,6 +27,7 @@ from adyolo.engine.accelerator import Launch, build_accelerator, launch_settings
 from adyolo.engine.autobatch import agree_on_micro_batch, probe_step
 from adyolo.engine.batching import GlobalBatchSampler
 from adyolo.engine.checkpoint import TrainingState, resolve_resume
+from adyolo.engine.cuda_allocator import configure_cuda_allocator
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.noise import quiet_known_noise
 from adyolo.engine.phases import PhaseTimes
@@ -51,6 +52,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     # The setup phase of the run's time breakdown counts from the process's start (imports included).
     started = time.monotonic() - max(time.time() - psutil.Process().create_time(), 0.0)
     main_process = int(os.environ.get("RANK", "0")) == 0
+    allocator = configure_cuda_allocator(announce=main_process)  # before anything starts CUDA
     quiet_known_noise(main_process)
     keep_freed_memory()  # a CPU step would otherwise fault its activations in again every step
 
@@ -150,6 +152,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
             "gflops": round(summary.gflops, 3),
             **data_params(train_set, val_set),
             **(plan.params() if plan is not None else {}),
+            **allocator.params(),
         }
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}

@@ -9,16 +9,18 @@ For the run config's model, image size and global batch, and each variant (full/
 efficient; with model.neck=yolov5face the baseline alone): the predicted per-rank memory per micro-batch
 and activation checkpointing (off, selected blocks, all), and for each number of GPUs and GPU size the
 recommended setting: the least recompute, then the fewest accumulation steps, that fits, with the global
-batch exact. The prediction traces one real training step on fake tensors (nothing is allocated) and
-adds what a trace cannot see (ZeRO's sharding and buffers from ds_configs/, the GPU's attention kernel,
-allocator reserve, CUDA context, workspaces, NCCL); see adyolo/plan/terms.py. Traces are cached
-(~/.cache/adyolo/plan), so a repeated plan takes seconds. Writes plan.md, plan.json and plan.png to
---out (default runs/plan/<config name>).
+batch exact. The prediction traces one real training step on fake tensors (nothing is allocated; for
+a GPU in bf16 with CUDA autocast's dtypes) and adds what a trace cannot see (ZeRO's sharding and buffers
+from ds_configs/, the GPU's attention kernel, cuDNN/cuBLAS workspaces, the allocator's reserve, which
+follows PYTORCH_CUDA_ALLOC_CONF as training will set it, CUDA context, NCCL); see adyolo/plan/terms.py
+and docs/memory-plan.md. Traces are cached (~/.cache/adyolo/plan), so a repeated plan takes seconds.
+Writes plan.md, plan.json and plan.png to --out (default runs/plan/<config name>).
 
     python launch/plan.py --validate      # the plan against real CPU steps and 2-4 process runs
 
---validate measures real training steps on this CPU (every live tensor's bytes, per rank) and prints
-predicted against measured; it takes some minutes.
+--validate measures real training steps on this CPU (every live tensor's bytes, per rank), and checks the
+GPU plan's CUDA autocast dtypes against CUDA's own on fake CUDA tensors, and prints predicted against
+measured; it takes some minutes.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from adyolo.bench.loader import LOADER_BATCH, bench_loader
 from adyolo.bench.report import log_to_mlflow, plot, report
 from adyolo.bench.runner import run_row
 from adyolo.config import load_run_config
+from adyolo.engine.cuda_allocator import allocator_setting
 from adyolo.model import build_model
 from adyolo.model.config import MAX_STRIDE
 from adyolo.model.summary import count_gflops, count_parameters, count_training_gflops
@@ -173,7 +174,9 @@ def describe(settings: BenchSettings, cuda: bool) -> dict:
     """The setup a reader needs beside the numbers: device, versions, date, what was measured."""
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     budget = f", each process limited to {settings.memory_budget_gib:g} GiB" if settings.memory_budget_gib else ""
-    machine = f"{settings.gpus} x {device}{budget}; torch {torch.__version__}, {_versions()}"
+    # The rows' workers set it as training does (`configure_cuda_allocator`).
+    allocator = f", allocator {allocator_setting().conf or 'default'}" if cuda else ""
+    machine = f"{settings.gpus} x {device}{budget}{allocator}; torch {torch.__version__}, {_versions()}"
     return {
         "date": dt.date.today().isoformat(),
         "device": device,

@@ -26,6 +26,7 @@ from adyolo.bench.runner import EXIT_OOM
 from adyolo.config import load_run_config
 from adyolo.engine.accelerator import start_launch
 from adyolo.engine.batching import synthetic_micro_batches
+from adyolo.engine.cuda_allocator import configure_cuda_allocator
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.memory import FIELDS, snapshot
 from adyolo.engine.setup import TrainingConfigs, prepare_training
@@ -66,6 +67,7 @@ def train_steps(spec: dict, out: Path) -> dict | None:
     """Warm-up and timed optimizer steps; the result (main process) or None (other ranks)."""
     cfg = load_run_config(spec["config"], overrides(spec, spec))
     keep_freed_memory()  # as launch/train.py does
+    configure_cuda_allocator()  # likewise, before anything starts CUDA
     launch, accelerator = start_launch(cfg.train, cfg.optim, out)
     split, precision, zero_stage = launch.split, launch.precision, launch.zero_stage
     device = accelerator.device

@@ -7,9 +7,12 @@ line through the two peaks; tests check that the line predicts other micro-batch
 process is not traced: train-mode BatchNorm refuses a single value per channel (the efficient
 variant's pooled attention).
 
+A bf16 step planned for a GPU is traced with CUDA autocast's choice of dtypes (`policy="cuda"`,
+`adyolo.plan.cuda_autocast`), one for a CPU with CPU autocast's; in fp32 the two are the same trace.
+
 Traces are cached per configuration in a JSON file (`default_cache_dir()`, or the caller's folder), keyed
-by everything that changes a step's memory (the model, loss and optimizer sections, the precision,
-torch's version and adyolo's), so a repeated plan takes seconds.
+by everything that changes a step's memory (the model, loss and optimizer sections, the precision and
+autocast policy, torch's version and adyolo's), so a repeated plan takes seconds.
 """
 
 from __future__ import annotations
@@ -75,13 +78,17 @@ def step_memory(
     train: TrainConfig,
     precision: str,
     cache_dir: Path | None = None,
+    policy: str = "cpu",
 ) -> StepMemory:
-    """The step memory line of this configuration (traced, or read from the cache)."""
-    cache = (cache_dir or default_cache_dir()) / f"{cache_key(model_cfg, loss_cfg, optim, train, precision)}.json"
+    """The step memory line of this configuration (traced, or read from the cache); `policy`: whose
+    autocast policy a bf16 step follows, "cpu" or "cuda"."""
+    policy = autocast_policy(precision, policy)
+    key = cache_key(model_cfg, loss_cfg, optim, train, precision, policy)
+    cache = (cache_dir or default_cache_dir()) / f"{key}.json"
     if cache.is_file():
         traces = tuple(StepTrace.from_dict(t) for t in json.loads(cache.read_text())["traces"])
     else:
-        traces = tuple(trace_steps(model_cfg, loss_cfg, optim, train, FIT_BATCHES, precision))
+        traces = tuple(trace_steps(model_cfg, loss_cfg, optim, train, FIT_BATCHES, precision, policy=policy))
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"traces": [t.as_dict() for t in traces]}))
@@ -96,15 +103,28 @@ def step_memory(
     )
 
 
-def cache_key(model_cfg: ModelConfig, loss_cfg: LossConfig, optim: OptimConfig, train: TrainConfig, precision: str):
+def autocast_policy(precision: str, policy: str) -> str:
+    """The policy that matters: without autocast (fp32) both devices trace the same step."""
+    return policy if precision == "bf16" else "cpu"
+
+
+def cache_key(
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    precision: str,
+    policy: str = "cpu",
+):
     """A hash of what a step's memory depends on: the model section (checkpointed blocks included), the
-    loss, the optimizer's kind (its state), the precision, and the code and versions that run the step.
-    The train section's settings change no tensor of the traced step (see `trace_step`)."""
+    loss, the optimizer's kind (its state), the precision and autocast policy, and the code and versions
+    that run the step. The train section's settings change no tensor of the traced step (see `trace_step`)."""
     what = {
         "model": to_dict(model_cfg),
         "loss": to_dict(loss_cfg),
         "optimizer": optim.optimizer,
         "precision": precision,
+        "policy": autocast_policy(precision, policy),
         "fit_batches": FIT_BATCHES,
         "torch": torch.__version__,
         "adyolo": adyolo.__version__,
@@ -119,5 +139,6 @@ def _source_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted([*root.glob("model/*.py"), *root.glob("loss/*.py"), root / "engine" / "step.py"]):
         digest.update(path.read_bytes())
-    digest.update((root / "plan" / "trace.py").read_bytes())
+    for name in ("trace.py", "cuda_autocast.py"):
+        digest.update((root / "plan" / name).read_bytes())
     return digest.hexdigest()[:16]

@@ -59,7 +59,20 @@ class Plan:
             f"# {self.title}\n\nRecommended setting (micro-batch x accumulation, checkpointing) per number "
             f"of ranks and memory per rank, with its predicted memory per rank, GiB:\n\n"
             f"{recommendation_table(self.grid, sizes)}\nPredicted memory of one rank by micro-batch:\n\n"
-            f"{curve_table(self.curves, sizes)}"
+            f"{curve_table(self.curves, sizes)}{self.assumptions()}"
+        )
+
+    def assumptions(self) -> str:
+        """The GPU terms a CPU trace cannot measure, as this plan assumed them."""
+        if self.request.device != "gpu":
+            return ""
+        gpu = self.request.gpu
+        allocator = "expandable segments" if gpu.expandable_segments else "default settings"
+        return (
+            f"\nAssumed on the GPU (adyolo/plan/terms.py): attention kernel +{gpu.attention_kernel_excess:.0%} "
+            f"over the traced attention tensors (bf16), cuDNN/cuBLAS workspaces {gpu.workspace_gib:g} GiB "
+            f"(allocated), allocator reserve x{gpu.reserve:.2f} ({allocator}), CUDA context "
+            f"{gpu.cuda_context_gib:g} GiB, NCCL {gpu.nccl_gib:g} GiB per rank with several ranks.\n"
         )
 
     def as_dict(self) -> dict:
@@ -102,7 +115,7 @@ def make_plan(cfg: RunConfig, request: PlanRequest) -> Plan:
         )
         for name, changes in variants.items()
     }
-    _trace_in_parallel(planners)
+    _trace_in_parallel(planners, request.device)
     zero = zero_settings(request.zero)
     global_batch = cfg.train.global_batch
     curves = {
@@ -146,9 +159,10 @@ def _curve_batches(global_batch: int) -> list[int]:
     return [*batches, global_batch]
 
 
-def _trace_in_parallel(planners: dict[str, Planner]) -> None:
+def _trace_in_parallel(planners: dict[str, Planner], device: str) -> None:
     """Fill the trace cache for every variant and checkpointing, one process per core (tracing is
     single-threaded Python); then each planner reads the cache."""
+    policy = "cuda" if device == "gpu" else "cpu"
     jobs = [
         (
             dataclasses.replace(p.model, checkpoint=list(model_blocks(blocks, p.model))),
@@ -157,6 +171,7 @@ def _trace_in_parallel(planners: dict[str, Planner]) -> None:
             p.train,
             p.precision,
             p.cache_dir,
+            policy,
         )
         for p in planners.values()
         for blocks in CHECKPOINT_LADDER.values()
@@ -168,7 +183,7 @@ def _trace_in_parallel(planners: dict[str, Planner]) -> None:
             list(pool.map(_fill_cache, jobs))
     for planner in planners.values():
         for blocks in CHECKPOINT_LADDER.values():
-            planner.step_memory(blocks)
+            planner.step_memory(blocks, device)
 
 
 def _fill_cache(job: tuple) -> None:

@@ -1,9 +1,10 @@
 """Per-rank peak memory of a training configuration, and the setting that fits a GPU.
 
-    prediction = traced step tensors (affine in the micro-batch; `adyolo.plan.cost`)
+    prediction = traced step tensors (affine in the micro-batch; `adyolo.plan.cost`; on a GPU traced
+                 with CUDA autocast's dtypes)
                + data-parallel terms (DDP buckets, ZeRO sharding and buffers; `adyolo.plan.terms`)
-               + on a GPU: the attention kernel's excess, the allocator's reserve, and the memory
-                 outside PyTorch (CUDA context, workspaces, NCCL)
+               + on a GPU: the attention kernel's excess and the cuDNN / cuBLAS workspaces (allocated),
+                 the allocator's reserve (reserved), and the memory outside PyTorch (CUDA context, NCCL)
 
 `predict` gives the per-rank figures for one setting; `recommend` finds, for a global batch, a number
 of GPUs and a GPU size, the setting with the least recompute (checkpointing off, then the selected
@@ -22,7 +23,7 @@ from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.loss.config import LossConfig
 from adyolo.model import ModelConfig
 from adyolo.model.config import CHECKPOINTABLE_BLOCKS_BY_NECK
-from adyolo.plan.cost import StepMemory, step_memory
+from adyolo.plan.cost import StepMemory, autocast_policy, step_memory
 from adyolo.plan.terms import (
     GIB,
     GpuAssumptions,
@@ -31,6 +32,7 @@ from adyolo.plan.terms import (
     data_parallel_bytes,
     gpu_fixed_bytes,
     untouched_bucket_bytes,
+    workspace_bytes,
 )
 
 # The recompute ladder, least first. "selected" checkpoints the blocks with the most activation memory
@@ -124,26 +126,31 @@ class Planner:
     cache_dir: Path | None = None
     gpu: GpuAssumptions = field(default_factory=GpuAssumptions)
     cpu_process_bytes: float = 0.0  # CPU predictions' device_total: a process's non-tensor memory
-    _memory: dict[tuple[str, ...], StepMemory] = field(default_factory=dict, repr=False)
+    _memory: dict[tuple, StepMemory] = field(default_factory=dict, repr=False)
 
-    def step_memory(self, blocks: tuple[str, ...]) -> StepMemory:
-        if blocks not in self._memory:
+    def step_memory(self, blocks: tuple[str, ...], device: str = "gpu") -> StepMemory:
+        """The traced step line with these blocks checkpointed, in `device`'s autocast policy."""
+        policy = autocast_policy(self.precision, "cuda" if device == "gpu" else "cpu")
+        if (blocks, policy) not in self._memory:
             # A ladder step names both necks' blocks: the model takes its own.
             model = dataclasses.replace(self.model, checkpoint=list(model_blocks(blocks, self.model)))
-            self._memory[blocks] = step_memory(model, self.loss, self.optim, self.train, self.precision, self.cache_dir)
-        return self._memory[blocks]
+            self._memory[(blocks, policy)] = step_memory(
+                model, self.loss, self.optim, self.train, self.precision, self.cache_dir, policy
+            )
+        return self._memory[(blocks, policy)]
 
     def predict(self, setting: Setting, world_size: int, zero: ZeroSettings, device: str = "gpu") -> Prediction:
-        memory = self.step_memory(setting.blocks)
+        memory = self.step_memory(setting.blocks, device)
         terms = {"step_tensors": memory.peak(setting.micro_batch)}
         terms.update(data_parallel_bytes(zero, world_size, memory.parameters, memory.optimizer_state))
         prediction = Prediction(setting, world_size, _zero_name(zero), device, terms)
         if device == "gpu":
             q = self.attention_q_elements(setting.micro_batch)
             terms["attention_kernel"] = attention_kernel_bytes(q, self.precision, self.gpu)
+            terms["cuda_workspaces"] = workspace_bytes(self.gpu)
         prediction.allocated = sum(terms.values())
         if device == "gpu":
-            prediction.reserved = prediction.allocated * self.gpu.reserved_factor
+            prediction.reserved = prediction.allocated * self.gpu.reserve
             outside = gpu_fixed_bytes(world_size, self.gpu)
             prediction.terms.update({f"outside_pytorch.{k}": v for k, v in outside.items()})
             prediction.device_total = prediction.reserved + sum(outside.values())

@@ -22,20 +22,29 @@ DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs`) assume 16-b
 masters, which is not how adyolo trains (fp32 weights, bf16 autocast), so they are not used.
 
 GPU only (`GpuAssumptions`; not measurable here, each a stated default that `launch/plan.py` can change):
+- autocast: a bf16 step planned for a GPU is traced with CUDA autocast's choice of dtypes
+  (`adyolo.plan.cuda_autocast`), which is checked against CUDA's own policy; not a term here.
 - the fused attention kernel: the CPU trace takes SDPA's flash kernel for CPU; on an H200 the same
   attention (B=40, 8 heads, N=6400, d=32, forward + backward) measured 1.24 GiB with the flash kernel and
   0.995 GiB with cuDNN in bf16, 1.97 GiB with the memory-efficient kernel in fp32, against 0.977 and
   1.953 GiB traced on the CPU: the default assumes the flash kernel's +27 % (bf16) and +1 % (fp32)
   over the traced attention tensors.
-- allocator: PyTorch's caching allocator reserves more than it hands out (block rounding,
-  fragmentation); `reserved_factor` multiplies the allocated peak.
-- the CUDA context and kernels, cuDNN/cuBLAS workspaces and NCCL's buffers sit outside PyTorch's
-  allocator: fixed GiB per rank (NCCL only with more than one rank).
+- cuDNN / cuBLAS workspaces: allocated through PyTorch's caching allocator, so inside
+  `torch.cuda.max_memory_allocated` (cuBLAS keeps one per stream; cuDNN's convolutions take one per
+  call): a fixed GiB per rank added to the allocated peak.
+- allocator: the caching allocator reserves more than it hands out (block rounding, fragmentation);
+  the reserve factor multiplies the allocated peak. It follows the allocator setting a training run
+  uses (`adyolo.engine.cuda_allocator`): smaller with `expandable_segments:True`, which training sets
+  unless the user chose another `PYTORCH_CUDA_ALLOC_CONF`.
+- the CUDA context and loaded kernels, and NCCL's buffers, sit outside PyTorch's allocator: fixed GiB
+  per rank (NCCL only with more than one rank).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from adyolo.engine.cuda_allocator import allocator_setting
 
 GIB = 2**30
 FP32_BYTES = 4
@@ -55,16 +64,28 @@ class ZeroSettings:
     prefetch_bucket_size: int = 50_000_000  # elements (stage 3)
 
 
+def expandable_segments_in_effect() -> bool:
+    """Whether a training run started from this environment uses expandable segments."""
+    return allocator_setting().expandable_segments
+
+
 @dataclass(frozen=True)
 class GpuAssumptions:
     """GPU memory a CPU trace cannot see (see the module docstring); GiB per rank unless a factor."""
 
     attention_kernel_excess: float = 0.27  # the flash kernel over the traced attention tensors, bf16
     attention_kernel_excess_fp32: float = 0.01  # memory-efficient kernel over the traced ones, fp32
-    reserved_factor: float = 1.10  # caching allocator: reserved / allocated at the peak
+    workspace_gib: float = 0.25  # cuDNN / cuBLAS workspaces, inside the caching allocator
+    reserved_factor: float = 1.10  # caching allocator, default settings: reserved / allocated at the peak
+    reserved_factor_expandable: float = 1.05  # ... with expandable_segments:True
+    expandable_segments: bool = field(default_factory=expandable_segments_in_effect)
     cuda_context_gib: float = 0.6  # CUDA context, loaded kernels (NVML sees them, PyTorch does not)
-    workspace_gib: float = 0.25  # cuDNN / cuBLAS workspaces
     nccl_gib: float = 0.25  # NCCL communicator buffers, with more than one rank
+
+    @property
+    def reserve(self) -> float:
+        """reserved / allocated at the peak under the allocator setting in effect."""
+        return self.reserved_factor_expandable if self.expandable_segments else self.reserved_factor
 
 
 def data_parallel_bytes(zero: ZeroSettings, world_size: int, parameters: int, optimizer_state: int) -> dict[str, float]:
@@ -110,9 +131,14 @@ def attention_kernel_bytes(q_elements: int, precision: str, gpu: GpuAssumptions)
     return excess * ATTENTION_BYTES_PER_Q_ELEMENT[precision] * q_elements
 
 
+def workspace_bytes(gpu: GpuAssumptions) -> float:
+    """cuDNN / cuBLAS workspaces: allocated through the caching allocator, so part of the allocated peak."""
+    return gpu.workspace_gib * GIB
+
+
 def gpu_fixed_bytes(world_size: int, gpu: GpuAssumptions) -> dict[str, float]:
     """Per-rank device memory outside PyTorch's allocator."""
-    terms = {"cuda_context": gpu.cuda_context_gib * GIB, "workspaces": gpu.workspace_gib * GIB}
+    terms = {"cuda_context": gpu.cuda_context_gib * GIB}
     if world_size > 1:
         terms["nccl"] = gpu.nccl_gib * GIB
     return terms

@@ -6,7 +6,10 @@ clipping, optimizer step, EMA update) on a synthetic batch while PyTorch's `MemT
 live tensor storage: parameters, buffers, gradients, activations, backward temporaries and optimizer
 state. Nothing is computed and no tensor memory is allocated. On the CPU device the fake step takes the
 same kernels' shapes as a real CPU step (SDPA's flash kernel for CPU included), so the count is the
-tensor memory of a real CPU step; `adyolo.plan.terms` turns it into a GPU prediction.
+tensor memory of a real CPU step; `adyolo.plan.terms` turns it into a GPU prediction. A bf16 step
+traced for a GPU (`policy="cuda"`) follows CUDA autocast's choice of dtypes
+(`adyolo.plan.cuda_autocast`), which `trace_forward` checks against CUDA's own policy on fake CUDA
+tensors.
 
 Fake tensors have shapes but no values. Where the step reads values, `AssumeTheTrainingPath` answers
 for them: every `nonzero` finds every element (the training step has none since the loss keeps every
@@ -17,6 +20,7 @@ path that trains.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -25,16 +29,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from adyolo.data.batch import synthetic_batch
 from adyolo.engine.config import OptimConfig, TrainConfig
 from adyolo.engine.setup import bare_step
 from adyolo.loss.config import LossConfig
-from adyolo.model import ModelConfig
+from adyolo.loss.criterion import DetectionLoss
+from adyolo.model import ModelConfig, build_model
+from adyolo.plan.cuda_autocast import cuda_autocast_policy
 
 # MemTracker's categories, as the trace reports them.
 CATEGORIES = {
@@ -50,6 +59,7 @@ _TOTAL = "Total"  # MemTracker's key for the sum of all categories
 _ASSUMED_SCALAR = 1  # what a host read of a fake value answers (see the module docstring)
 _HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 _MASK_INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
+POLICIES = ("cpu", "cuda")  # whose autocast policy a bf16 step follows
 
 
 @dataclass(frozen=True)
@@ -193,11 +203,13 @@ def trace_step(
     micro_batch: int,
     precision: str = "fp32",
     fake: bool = True,
+    policy: str = "cpu",
 ) -> StepTrace:
     """The tensor memory of one training step of this configuration at `micro_batch` images per
-    process (`precision` "bf16": the forward under CPU autocast). `fake=False` runs the same step on
-    real tensors: the measurement a trace is checked against."""
-    return trace_steps(model_cfg, loss_cfg, optim, train, (micro_batch,), precision, fake)[0]
+    process (`precision` "bf16": the forward under CPU autocast, with CUDA autocast's choice of dtypes
+    for `policy="cuda"`). `fake=False` runs the same step on real tensors: the measurement a trace is
+    checked against."""
+    return trace_steps(model_cfg, loss_cfg, optim, train, (micro_batch,), precision, fake, policy)[0]
 
 
 def trace_steps(
@@ -208,14 +220,19 @@ def trace_steps(
     micro_batches: Sequence[int],
     precision: str = "fp32",
     fake: bool = True,
+    policy: str = "cpu",
 ) -> list[StepTrace]:
     """`trace_step` at each of `micro_batches`, one model built for all: each counted step is a steady
     step of the same run, the optimizer's state and the EMA already there."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r}: one of {', '.join(POLICIES)}")
     dtype = torch.bfloat16 if precision == "bf16" else None
     # channels_last changes strides, not bytes; compiling would trace something else than the step.
     train = dataclasses.replace(train, channels_last=False, compile=False)
     traces = []
     with contextlib.ExitStack() as stack:
+        if policy == "cuda" and dtype is not None:
+            stack.enter_context(cuda_autocast_policy())
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(AssumeTheTrainingPath())
@@ -257,3 +274,103 @@ def _first_optimizer_step(step) -> None:
         p.grad = torch.zeros_like(p)
     step.optimizer.step()
     step.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass(frozen=True)
+class ForwardTrace:
+    """A forward and loss on fake tensors: what backward will need, and which dtypes the operators took."""
+
+    saved_bytes: int  # tensor memory alive after forward and loss, beyond what was alive before
+    ops: collections.Counter  # (operator, dtypes of its floating outputs) -> calls
+
+
+class _RecordDtypes(TorchDispatchMode):
+    """Counts each operator call by the dtypes of its floating-point outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        dtypes = tuple(str(t.dtype) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+        self.ops[(str(func.overloadpacket), dtypes)] += 1
+        return out
+
+
+class _FusedAttentionOnFakeCuda(TorchFunctionMode):
+    """SDPA on fake CUDA tensors takes a fused kernel, as on a GPU. Its kernel choice asks the device
+    and, without one, falls to the math path, which materialises the score matrix; the flash kernel
+    (what a GPU takes for bf16 heads of 32) has a fake implementation."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and not kwargs and len(args) == 3:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else args[0].dtype
+            q, k, v = (t.to(dtype) for t in args)
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+        return func(*args, **kwargs)
+
+
+def fake_cuda_available() -> bool:
+    """Whether this torch can make fake CUDA tensors (a CUDA build; no GPU needed)."""
+    try:
+        with FakeTensorMode():
+            torch.empty(1, device="cuda")
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+def trace_forward(
+    model_cfg: ModelConfig, loss_cfg: LossConfig, micro_batch: int, device: str = "cpu", policy: str = "cpu"
+) -> ForwardTrace:
+    """One bf16 forward of a fresh model in training mode and its loss, on fake tensors of `device`
+    ("cpu", or "cuda": CUDA autocast's own policy, which fake CUDA tensors apply without a GPU), CPU
+    autocast following `policy` ("cpu", or "cuda": `cuda_autocast_policy`). Backward cannot run on fake
+    CUDA tensors; this is how the CPU trace of a GPU step is checked against CUDA's policy."""
+    with contextlib.ExitStack() as stack:
+        if device == "cpu" and policy == "cuda":
+            stack.enter_context(cuda_autocast_policy())
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(AssumeTheTrainingPath())
+        with torch.device(device):
+            model = build_model(model_cfg).train()
+            loss = DetectionLoss(loss_cfg, model.head.anchors, model.head.strides, model_cfg.num_classes)
+        batch = synthetic_batch(micro_batch, model_cfg.img_size, device)
+        images = batch["images"].float().div_(255)
+        tracker = PeakMemTracker()
+        tracker.track_external(model, images, batch["targets"])
+        recorder = _RecordDtypes()
+        attention = _FusedAttentionOnFakeCuda() if device == "cuda" else contextlib.nullcontext()
+        with tracker:
+            before = _live_bytes(tracker)
+            with bf16_autocast(device), recorder, attention:
+                raw = model(images)
+            with recorder:
+                losses = loss(raw, batch["targets"])
+            saved = _live_bytes(tracker) - before
+        del raw, losses
+    return ForwardTrace(saved, recorder.ops)
+
+
+def _live_bytes(tracker: MemTracker) -> int:
+    return sum(int(snap[_TOTAL]) for snap in tracker.get_tracker_snapshot("current").values())
+
+
+@contextlib.contextmanager
+def bf16_autocast(device: str) -> Iterator[None]:
+    """bf16 autocast on `device`. `torch.autocast("cuda")` turns itself off where no GPU is present;
+    switching CUDA autocast on directly applies its policy to fake CUDA tensors all the same."""
+    if device != "cuda":
+        with torch.autocast(device, dtype=torch.bfloat16):
+            yield
+        return
+    enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", dtype)

@@ -1,8 +1,10 @@
 """The plan checked against real training steps where the measurement is exact.
 
 On the CPU: the live tensor bytes of real steps (MemTracker on real tensors) in one process, and per
-rank in real 2-process DDP / ZeRO runs (`adyolo.plan.measure` through `accelerate launch`). On a GPU:
-`torch.cuda.max_memory_allocated` of a real step against the GPU prediction's allocated bytes.
+rank in real 2-process DDP / ZeRO runs (`adyolo.plan.measure` through `accelerate launch`); and CUDA
+autocast's policy as the GPU plan traces it on the CPU against CUDA's own (a forward and loss on fake
+CUDA tensors, which need no GPU). On a GPU: `torch.cuda.max_memory_allocated` of a real step against
+the GPU prediction's allocated bytes.
 `launch/plan.py --validate` runs the CPU matrix below and writes the table the README quotes; the
 tests run a part of it.
 """
@@ -23,11 +25,12 @@ from adyolo.config import RunConfig, load_run_config
 from adyolo.data.batch import synthetic_batch
 from adyolo.engine.accelerator import DS_CONFIGS
 from adyolo.engine.setup import bare_step
+from adyolo.loss.config import LossConfig
 from adyolo.model import ModelConfig
 from adyolo.plan.main import zero_settings
 from adyolo.plan.planner import Planner, Setting, checkpoint_name, ladder_blocks
 from adyolo.plan.terms import ZeroSettings
-from adyolo.plan.trace import trace_step
+from adyolo.plan.trace import fake_cuda_available, trace_forward, trace_step
 
 # One process: fusion, attention, checkpointing, precision, image size, micro-batches of the real steps.
 ONE_PROCESS = [
@@ -44,6 +47,13 @@ ONE_PROCESS = [
 # Several ranks: ZeRO stage ("0": DDP), ranks, model size.
 RANKS = [("0", 2, "n"), ("1", 2, "n"), ("2", 2, "n"), ("3", 2, "n"), ("2", 2, "s"), ("3", 2, "s"), ("2", 4, "n")]
 RANK_IMG = 64
+# CUDA autocast's policy: fusion, attention, neck, at size s, 640 px, 2 images (what the GPU table plans).
+CUDA_POLICY = [
+    ("full", "explicit", "gd"),
+    ("full", "sdpa", "gd"),
+    ("efficient", "sdpa", "gd"),
+    ("efficient", "sdpa", "yolov5face"),
+]
 
 
 def check_one_process(
@@ -86,6 +96,19 @@ def check_ranks(zero: str, world_size: int, size: str, cache_dir: Path) -> list[
     return [_row(name, world_size, m["rank"], 2, predicted, m["peak_bytes"]) for m in measured]
 
 
+def check_cuda_policy(
+    fusion: str, attention: str, neck: str, size: str = "s", img: int = 640, micro_batch: int = 2
+) -> dict:
+    """A row: the activation memory a bf16 forward and loss leave for backward, traced on the CPU with
+    CUDA's autocast policy as the GPU plan does ("predicted"), against fake CUDA tensors under CUDA's own
+    autocast ("measured")."""
+    model = ModelConfig(size=size, fusion=fusion, attention=attention, neck=neck, img_size=img)
+    emulated = trace_forward(model, LossConfig(), micro_batch, device="cpu", policy="cuda").saved_bytes
+    cuda = trace_forward(model, LossConfig(), micro_batch, device="cuda", policy="cuda").saved_bytes
+    variant = "yolov5face" if neck == "yolov5face" else (f"full/{attention}" if fusion == "full" else fusion)
+    return _row(f"forward, CUDA autocast: {variant} {size} {img}px", 1, "-", micro_batch, emulated, cuda)
+
+
 def check_gpu(model: ModelConfig, micro_batch: int, precision: str, cache_dir: Path) -> dict:
     """One process on this CUDA device: a real step's `max_memory_allocated` against the prediction."""
     cfg = RunConfig(model=model)
@@ -125,6 +148,8 @@ def validate_cpu(cache_dir: Path) -> list[dict]:
     """The whole CPU matrix (a few minutes on 2 cores)."""
     rows = [row for config in ONE_PROCESS for row in check_one_process(*config, cache_dir=cache_dir)]
     rows += [row for zero, world, size in RANKS for row in check_ranks(zero, world, size, cache_dir)]
+    if fake_cuda_available():  # a CUDA build of torch (no GPU needed)
+        rows += [check_cuda_policy(*variant) for variant in CUDA_POLICY]
     return rows
 
 

@@ -23,7 +23,8 @@ def planner_with(per_image: dict[str, float]) -> Planner:
     planner = Planner(cfg.model, cfg.loss, cfg.optim, cfg.train, "bf16")
     for name, slope in per_image.items():
         line = Line(0.5 * GIB, slope * GIB)
-        planner._memory[CHECKPOINT_LADDER[name]] = StepMemory(line, line, 10**7, 10**7, ())
+        for policy in ("cpu", "cuda"):  # the same made-up step whichever autocast policy traced it
+            planner._memory[(CHECKPOINT_LADDER[name], policy)] = StepMemory(line, line, 10**7, 10**7, ())
     return planner
 
 
@@ -51,8 +52,13 @@ def test_the_device_total_adds_what_pytorch_does_not_see():
     p = planner.predict(Setting(4, 1, "off"), 2, ZeroSettings(stage=0))
     assert p.terms["step_tensors"] == pytest.approx(4.5 * GIB)
     assert p.terms["ddp_buckets"] == 10**7  # one more copy of the gradients
-    assert p.reserved == pytest.approx(p.allocated * planner.gpu.reserved_factor)
+    # cuDNN / cuBLAS workspaces come from the caching allocator: inside allocated (and reserved).
+    assert p.terms["cuda_workspaces"] == planner.gpu.workspace_gib * GIB > 0
+    inside = sum(v for k, v in p.terms.items() if not k.startswith("outside_pytorch."))
+    assert p.allocated == pytest.approx(inside) and "outside_pytorch.workspaces" not in p.terms
+    assert p.reserved == pytest.approx(p.allocated * planner.gpu.reserve)
     outside = sum(v for k, v in p.terms.items() if k.startswith("outside_pytorch."))
+    assert set(p.terms) >= {"outside_pytorch.cuda_context", "outside_pytorch.nccl"}  # NCCL: 2 ranks
     assert p.device_total == pytest.approx(p.reserved + outside) and outside > 0.5 * GIB
     cpu = planner.predict(Setting(4, 1, "off"), 2, ZeroSettings(stage=0), device="cpu")
     assert cpu.device_total == cpu.allocated < p.allocated  # no GPU kernel, allocator or context terms

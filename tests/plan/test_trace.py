@@ -6,18 +6,17 @@ One process: the line traced on fake tensors at 2 and 4 images predicts real ste
 three configurations cover both variants, sdpa and explicit attention, checkpointing off / selected /
 all, fp32 and bf16, 64 and 96 px. Several processes: every rank of real DDP, ZeRO-2 and ZeRO-3 runs
 through `accelerate launch`. The whole matrix (`launch/plan.py --validate`, every pairing of these and
-160 px, 4 ranks, size s) is larger; these are the part CI runs.
+160 px, 4 ranks, size s) is larger; these are the part CI runs. On a GPU: `tests/gpu/test_memory.py`.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from adyolo.config import RunConfig
 from adyolo.model import ModelConfig
 from adyolo.plan.trace import trace_step
-from adyolo.plan.validate import ONE_PROCESS, check_gpu, check_one_process, check_ranks
+from adyolo.plan.validate import ONE_PROCESS, check_one_process, check_ranks
 from tests.engine.runs import environment
 
 TOLERANCE = 0.10  # what the plan promises; the measured errors are far smaller (README, "Will it fit?")
@@ -53,11 +52,3 @@ def test_every_rank_of_a_two_process_run_is_predicted(zero, rank_traces, monkeyp
     rows = check_ranks(zero, 2, "n", cache_dir=rank_traces)
     assert [r["rank"] for r in rows] == [0, 1]
     assert all(abs(r["error"]) < TOLERANCE for r in rows), rows
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("fusion", ["full", "efficient"])
-def test_the_gpu_prediction_matches_max_memory_allocated(fusion, tmp_path):
-    row = check_gpu(ModelConfig(size="s", fusion=fusion, img_size=640), 8, "bf16", tmp_path)
-    assert abs(row["error"]) < TOLERANCE, row
