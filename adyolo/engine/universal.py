@@ -12,6 +12,10 @@ read and `latest` keeps pointing at it, so a conversion that fails leaves it res
 of ranks that wrote it. A requeued job that lands on the same new number of ranks reuses the
 conversion; any other conversion in `checkpoints/universal/` is removed when a new one is made.
 
+DeepSpeed's converter, and its ZeRO-3 universal load, read Adam's two moments only. SGD's momentum goes
+through them as Adam's first moment: the converter reads copies of the optimizer shards that hold it as
+`exp_avg` (zeros as `exp_avg_sq`), and after the load it is put back where SGD looks for it.
+
 A universal load restores the parameters and the optimizer state; this module restores the rest:
 the BatchNorm statistics (rank 0's, on every rank, as a ZeRO-1/2 checkpoint gives them) and, under
 ZeRO-3, each parameter group's own hyperparameters (DeepSpeed gives every group the first group's,
@@ -76,11 +80,12 @@ def load_state(accelerator: Accelerator, folder: Path, saved: dict | None, outpu
         accelerator.load_state(str(folder))
         return ""
     converted = checkpoint_root(output_dir) / UNIVERSAL / folder.name
-    source = {"checkpoint": str(folder.resolve()), "world_size": saved["world_size"], "zero_stage": saved["zero_stage"]}
+    stage, sgd = saved["zero_stage"], saved["config"]["optim"]["optimizer"] == "sgd"
+    source = {"checkpoint": str(folder.resolve()), "world_size": saved["world_size"], "zero_stage": stage}
     outcome: list = [None]
     if accelerator.is_main_process:
         try:
-            outcome = [_convert(folder, converted, source, accelerator.num_processes, output_dir)]
+            outcome = [_convert(folder, converted, source, sgd, accelerator.num_processes, output_dir)]
         except RunFailure as failure:
             outcome = [failure]
     broadcast_object_list(outcome)  # the others wait for the main process's conversion (or its failure)
@@ -96,49 +101,92 @@ def load_state(accelerator: Accelerator, folder: Path, saved: dict | None, outpu
     finally:
         config.load_universal_checkpoint = before
     _restore_buffers(engine.module, converted / ENGINE_TAG)
-    if saved["zero_stage"] == 3:
+    if stage == 3:
         _restore_group_hyperparameters(engine.optimizer.optimizer, converted / ENGINE_TAG)
+    if sgd:
+        for state in engine.optimizer.optimizer.state.values():  # one per flat partition of a parameter group
+            state["momentum_buffer"] = state.pop("exp_avg")
+            state.pop("exp_avg_sq", None)
+            state.pop("step", None)
     how = f"converted in {outcome[0]:.1f} s" if outcome[0] is not None else "converted before"
-    return f"its ZeRO-{saved['zero_stage']} optimizer state {how}, in {converted}"
+    return f"its ZeRO-{stage} optimizer state {how}, in {converted}"
 
 
-def _convert(folder: Path, converted: Path, source: dict, world_size: int, output_dir) -> float | None:
+def _convert(folder: Path, converted: Path, source: dict, sgd: bool, world_size: int, output_dir) -> float | None:
     """Main process: the universal conversion of `folder` into `converted`; returns the seconds it took, or
     None when it was there already. Raises `InputError`, or `WriteFailed` on a full disk, with the reason."""
     if _source_of(converted) == source:
         return None  # converted before, e.g. by a requeued job on this number of ranks
-    from deepspeed.checkpoint import ds_to_universal  # here: runs without DeepSpeed never pay its import
-
     started = time.monotonic()
     parent = converted.parent
     partial = parent / f".{converted.name}.partial"
-    args = argparse.Namespace(
-        input_folder=str(folder / ENGINE_TAG),
-        output_folder=str(partial / ENGINE_TAG),
-        num_extract_workers=1,  # in this process: no forked workers beside a live process group
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # ZeRO-1/2 saves carry no `universal_checkpoint_info` for a model like this
-    )
     try:
         if parent.is_dir():  # conversions of other checkpoints, and partial ones, are caches: dropped
             shutil.rmtree(parent)
         partial.mkdir(parents=True)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            ds_to_universal.main(args)  # its progress output: a line per step and tqdm bars
+        convert_to_universal(folder / ENGINE_TAG, partial / ENGINE_TAG, source["zero_stage"], sgd)
         for file in folder.iterdir():
             if file.is_file():  # Accelerate's other files: training state, EMA, RNG states, run.json
                 _link_or_copy(file, partial / file.name)
         (partial / SOURCE_FILE).write_text(json.dumps(source, indent=1))
         os.replace(partial, converted)
-    except Exception as err:  # the converter asserts, raises OSError, RuntimeError (torch.save), ValueError...
+    except Exception as err:  # the converter asserts, raises OSError, RuntimeError (torch.save), KeyError...
         failure = _failure(folder, converted, source, world_size, err, output_dir)
         shutil.rmtree(partial, ignore_errors=True)
         with contextlib.suppress(OSError):
             parent.rmdir()  # nothing of a failed conversion is left (the folder held only caches)
         raise failure from None
     return time.monotonic() - started
+
+
+def convert_to_universal(shards: Path, output: Path, stage: int, sgd: bool) -> None:
+    """DeepSpeed's universal conversion of a ZeRO checkpoint's `shards` folder (`<checkpoint>/pytorch_model`)
+    into `output`: `output/zero/<parameter>/{fp32,exp_avg,exp_avg_sq}.pt` whole tensors, whatever the ranks.
+    `sgd`: the optimizer state is SGD's momentum, converted as `exp_avg` (`exp_avg_sq` zeros)."""
+    from deepspeed.checkpoint import ds_to_universal  # here: runs without DeepSpeed never pay its import
+
+    source = shards
+    if sgd:
+        source = output.parent / f".{output.name}.shards"
+        _momentum_as_adam(shards, source, stage)
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(output),
+        num_extract_workers=1,  # in this process: forked workers beside live threads (and a process group) hang
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # ZeRO-1/2 saves carry no `universal_checkpoint_info` for a model like this
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)  # its progress output: a line per step and tqdm bars
+    finally:
+        if source != shards:
+            shutil.rmtree(source, ignore_errors=True)
+
+
+def _momentum_as_adam(shards: Path, into: Path, stage: int) -> None:
+    """Copies of the optimizer shards in `shards` with SGD's momentum as Adam's `exp_avg`, zeros as `exp_avg_sq`
+    and a `step` (which ZeRO-3's universal load reads), the model states linked beside them, into `into`."""
+    into.mkdir(parents=True)
+    for path in shards.iterdir():
+        if not path.name.endswith("_optim_states.pt"):
+            _link_or_copy(path, into / path.name)
+            continue
+        shard = torch.load(path, map_location="cpu", weights_only=False)
+        zero = shard["optimizer_state_dict"]
+        if stage == 3:
+            inner, flat = zero["optimizer_state_dict"], zero["fp32_flat_groups"]
+        else:
+            inner, flat = zero["base_optimizer_state"], zero["single_partition_of_fp32_groups"]
+        for group, fp32 in enumerate(flat):
+            state = inner["state"].setdefault(group, {})
+            momentum = state.pop("momentum_buffer", None)  # None with momentum 0: nothing to carry
+            state["exp_avg"] = torch.zeros_like(fp32) if momentum is None else momentum
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            state["step"] = torch.tensor(0.0)
+        torch.save(shard, into / path.name)
 
 
 def _failure(folder: Path, converted: Path, source: dict, world_size: int, err: Exception, output_dir) -> RunFailure:
@@ -196,4 +244,4 @@ def _restore_group_hyperparameters(optimizer: torch.optim.Optimizer, shards: Pat
         group.update({k: v for k, v in hyper.items() if k != "params"})
 
 
-__all__ = ["check_convertible", "load_state", "needs_conversion"]
+__all__ = ["check_convertible", "convert_to_universal", "load_state", "needs_conversion"]
