@@ -35,6 +35,7 @@ from adyolo.engine.preflight import check_output_dir, check_resume, clear_previo
 from adyolo.engine.report import RunReport
 from adyolo.engine.setup import TrainingConfigs, prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
+from adyolo.engine.universal import load_state
 from adyolo.failures import InputError
 from adyolo.model.summary import summarize
 from adyolo.plan.auto import plan_run
@@ -119,13 +120,13 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     state = TrainingState()
     accelerator.register_for_checkpointing(state, prepared.step.ema)
     if resume_folder is not None:
-        accelerator.load_state(str(resume_folder))
-        # Checkpoints are written between optimizer steps: the accumulation window starts afresh (the
-        # saved count of micro-batches belongs to the saved split).
+        converted = load_state(accelerator, resume_folder, saved, cfg.output_dir)  # ZeRO of other ranks: converted
+        # Checkpoints lie between optimizer steps, and Accelerate restores its count of a window's micro-batches
+        # from the rank that saved it (a new rank has none): every rank starts the window afresh.
         accelerator.step = 0
         state.batches_in_epoch = resumed_batches(saved, state.batches_in_epoch, launch.split)
         other_ranks = saved is not None and saved["world_size"] != launch.split.world_size
-        moved = f" (written by {saved['world_size']} ranks)" if other_ranks else ""
+        moved = f" (written by {saved['world_size']} ranks{converted and '; ' + converted})" if other_ranks else ""
         accelerator.print(f"resumed from {resume_folder}{moved}: epoch {state.epoch + 1}, step {state.step}")
 
     if plan is not None:

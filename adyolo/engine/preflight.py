@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adyolo.engine.batching import BatchSplit
 from adyolo.engine.checkpoint import latest_folder, read_run
+from adyolo.engine.universal import check_convertible, needs_conversion
 from adyolo.failures import InputError
 from adyolo.model.config import ModelConfig
 from adyolo.schema import ConfigError, from_mapping, to_dict
@@ -81,12 +82,8 @@ def check_resume(folder: Path, config: dict, world_size: int, zero_stage: int) -
             f"state is stored in another layout; launch with the accelerate config it was written with "
             f"(ZeRO stage {stage}, {ranks} processes)"
         )
-    if stage and ranks != world_size:
-        raise InputError(
-            f"--resume {folder}: a ZeRO-{stage} checkpoint holds its optimizer state in {ranks} shards, one per "
-            f"rank, and this job has {world_size} (DeepSpeed does not re-partition it); launch {ranks} processes "
-            f"(accelerate launch --num_processes {ranks}, or as many Slurm nodes x GPUs) to resume it"
-        )
+    if needs_conversion(saved, world_size):  # loaded through DeepSpeed's universal checkpoint (engine/universal.py)
+        check_convertible(folder, saved)
     return saved
 
 
