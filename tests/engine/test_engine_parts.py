@@ -71,6 +71,22 @@ def test_schedule_warms_up_then_decays_per_epoch():
     assert Schedule(OptimConfig(warmup_epochs=1, warmup_min_steps=100), 10, 100).warmup_steps == 100
 
 
+def test_momentum_0_is_plain_sgd():
+    """torch refuses Nesterov without momentum; `optim.momentum=0` trains with plain SGD, warm-up included."""
+    model = build_model({"size": "n"})
+    cfg = OptimConfig(momentum=0.0, warmup_epochs=1, warmup_min_steps=0)
+    opt = build_optimizer(model, cfg, 40)
+    assert not opt.defaults["nesterov"] and opt.defaults["momentum"] == 0
+    schedule = Schedule(cfg, 10, 5)
+    assert [schedule.values(step)[1] for step in (0, 5, 10)] == [0.0, 0.0, 0.0]
+    schedule.apply(opt, 5)
+    before = [p.detach().clone() for p in model.parameters()]
+    sum(o.float().mean() for o in model(torch.rand(2, 3, 64, 64))).backward()
+    opt.step()
+    assert not any(opt.state[p] for p in model.parameters())  # no momentum buffer
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_schedule_writes_into_the_optimizer():
     model = build_model({"size": "n"})
     opt = build_optimizer(model, OptimConfig(warmup_epochs=1, warmup_min_steps=0), 40)
