@@ -32,12 +32,13 @@ from adyolo.engine.accelerator import (
     resolve_channels_last,
 )
 from adyolo.engine.autobatch import probe_step
-from adyolo.engine.checkpoint import TrainingState, resolve_resume
+from adyolo.engine.checkpoint import TrainingState, choose_resume
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.noise import quiet_known_noise
 from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.report import RunReport
+from adyolo.engine.run_lock import hold_run_folder
 from adyolo.engine.setup import prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
 from adyolo.failures import InputError
@@ -50,10 +51,11 @@ from adyolo.tracking import Tracker, default_store_uri, flatten, tracking_uri
 SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
 
 
-def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False) -> Trainer:
+def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False, force_unlock: bool = False) -> Trainer:
     """Everything a run needs, on this rank; `.fit()` trains it. `resume`: "latest" or a checkpoint
-    folder, or None; `exist_ok`: start over in an output folder that holds a run. Raises `ConfigError`,
-    `BatchSplitError` or `InputError` (the same on every rank) before any process group or output exists."""
+    folder, or None; `exist_ok`: start over in an output folder that holds a run; `force_unlock`: take the
+    folder over from a run that left its lock. Raises `ConfigError`, `BatchSplitError` or `InputError`
+    (the same on every rank) before any process group or output exists."""
     # The memory plan resolves `auto` settings before the Accelerator fixes the gradient accumulation;
     # on a GPU a real probe step confirms a planned micro-batch.
     # The setup phase of the run's time breakdown counts from the process's start (imports included).
@@ -67,9 +69,11 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     )
 
     # What can be checked without a process group is, on every rank alike and before anything costly:
-    # the output folder, the checkpoint to resume, the user's data (read here once: every label file).
-    check_output_dir(cfg.output_dir, resume, exist_ok)
-    resume_folder = resolve_resume(resume, cfg.output_dir) if resume else None
+    # the output folder (and that no other run writes it), the checkpoint to resume (against its
+    # manifest), the user's data (read here once: every label file).
+    check_output_dir(cfg.output_dir, resume, exist_ok, force_unlock)
+    resumed = choose_resume(resume, cfg.output_dir, main_process) if resume else None
+    resume_folder = resumed.folder if resumed else None
     datasets = None
     if cfg.data.train is not None:
         datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed)
@@ -87,6 +91,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     auto_micro = plan is not None and "train.micro_batch" in plan.auto
     probe = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train) if auto_micro else None
     accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir, probe)
+    hold_run_folder(accelerator, cfg.output_dir, force_unlock)  # one writer per run folder, from here on
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if exist_ok and not resume:
@@ -167,7 +172,8 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
         }
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}
-    tracker.set_tags({**placement, **slurm, "distributed_type": accelerator.distributed_type.name})
+    resume_tags = resumed.tags if resumed else {}  # which checkpoint, when `latest` was damaged
+    tracker.set_tags({**placement, **slurm, **resume_tags, "distributed_type": accelerator.distributed_type.name})
     description = describe(cfg, split, precision, distribution(accelerator, zero_stage), summary)
     tracker.describe(description)
     if accelerator.is_main_process:

@@ -11,7 +11,8 @@ already holds a run stop every rank with one line (the file, line or key, and th
 data is trained on or any process group is used. Exit codes (the same through `launch/launch.py`,
 DeepSpeed's launcher and slurm/train.sh): 0 done, 2 bad input, 3 too many non-finite losses (`latest`
 holds the last finite state), 74 a checkpoint could not be written (disk full; `latest` intact),
-75 stopped by SIGTERM/SIGUSR1 (checkpoint saved; rerun with --resume).
+75 stopped by SIGTERM/SIGUSR1 (checkpoint saved; rerun with --resume). One run writes an output
+folder at a time (`run.lock`; --force-unlock takes over the lock of a run that is gone).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="start over in an output_dir that already holds a run (its checkpoints, weights and results are removed)",
     )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over an output_dir whose lock names a run that is not running any more (its node was lost)",
+    )
     # DeepSpeed's launcher passes each rank its local rank as an argument too (also in $LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 model.size=n")
@@ -61,11 +67,13 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     stop_with_parent()  # under a launcher: if it dies, save and stop rather than train on orphaned
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
-        code = build_run(load_run_config(args.config, args.overrides), args.resume, args.exist_ok).fit()
+        cfg = load_run_config(args.config, args.overrides)
+        code = build_run(cfg, args.resume, args.exist_ok, args.force_unlock).fit()
     except (ConfigError, BatchSplitError, RunFailure) as err:
         # Every rank meets the same input error; one line, from the main rank, says it.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_rank:
             print(f"error: {err}", file=sys.stderr)
         code = getattr(err, "exit_code", EXIT_BAD_INPUT)
     record_exit(code)

@@ -7,6 +7,12 @@ the main process point `checkpoints/latest` at it, by an atomic rename. A save n
 the folder `latest` points to (a second save at the same step gets `step-<n>-1`), so a kill or a
 full disk during any save leaves the previous `latest` intact and usable.
 
+Before `latest` moves, the main process writes `manifest.json`: every file's size and CRC-32, so that
+a checkpoint damaged later (a copy between filesystems, a node crash under the page cache, bit rot)
+is recognised before `--resume` loads it (`choose_resume`). Files the manifest does not list (a
+converted copy written into the folder later) are not checked; a folder without a manifest was
+written before manifests existed and resumes unchecked.
+
 Portable weights (`best.pt`, `last.pt`) are a deployment artifact and live in `adyolo.weights`.
 """
 
@@ -15,7 +21,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import sys
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,9 @@ from adyolo.failures import InputError, WriteFailed
 
 LATEST = "latest"
 RUN_FILE = "run.json"  # what a resumed run must agree with: written beside each checkpoint
+MANIFEST = "manifest.json"  # every file of a complete checkpoint: size and CRC-32
+HASH_CHUNK = 2**22
+CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-<n>, or step-<n>-<k> for the k-th save at step n
 LOW_SPACE_BYTES = 64 * 2**20  # below this much free space, a failed write is named "disk full"
 
 
@@ -78,14 +91,19 @@ def save_resumable(accelerator, output_dir: str | Path, step: int, run: dict, ke
             _write_atomically(target / RUN_FILE, json.dumps(run, indent=1, sort_keys=True))
     except Exception as err:  # a full disk is an OSError, a RuntimeError (torch.save), a SafetensorError...
         error = err
+    if not any_rank(accelerator, error is not None) and accelerator.is_main_process:
+        # Every rank has written its part (the agreement above is a collective): list them, then move `latest`.
+        try:
+            write_manifest(target)
+            _point_latest(root, target.name)
+        except Exception as err:
+            error = err
     if any_rank(accelerator, error is not None):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(target, ignore_errors=True)
         raise WriteFailed(write_failure(target, error, latest_folder(output_dir)))
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _point_latest(root, target.name)
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return target
@@ -120,6 +138,48 @@ def write_failure(target: Path, error: BaseException | None, latest: Path | None
     kept = f"latest ({latest.name}) is intact" if latest is not None else "no earlier checkpoint exists"
     fix = "Free space (or copy the run folder elsewhere), then --resume" if latest else "Free space, then start again"
     return f"could not write {target}: {what}; {kept}. {fix}"
+
+
+def write_manifest(folder: Path) -> None:
+    """`folder/manifest.json`: the size and CRC-32 of every file below `folder` (main process, after every
+    rank has written)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    listed = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    _write_atomically(folder / MANIFEST, json.dumps({"files": listed}, indent=1))
+
+
+def _crc32(path: Path) -> str:
+    """CRC-32 of a file, read in chunks: a hash that finds flipped and lost bytes at memory speed."""
+    crc = 0
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with checkpoint `folder` by its manifest ("<file>: <what>"), or None when every file
+    it lists is there as written. A folder without a manifest (written before manifests existed) is None:
+    there is nothing to check it against."""
+    if not folder.is_dir():
+        return "the folder does not exist"
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST}: unreadable ({type(err).__name__})"
+    for name, expected in listed.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name}: missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name}: {size} bytes, {expected['size']} when written"
+        if _crc32(file) != expected["crc32"]:
+            return f"{name}: its content differs from when it was written (CRC-32)"
+    return None
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -166,6 +226,67 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     if not folder.is_dir():
         raise InputError(f"--resume {resume}: checkpoint folder {folder} does not exist")
     return folder
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The checkpoint a run resumes from; when `latest` was damaged, which one and why (`tags` for MLflow)."""
+
+    folder: Path
+    damaged: Path | None = None
+    why: str | None = None
+
+    @property
+    def tags(self) -> dict[str, str]:
+        if self.damaged is None:
+            return {}
+        return {"resume.damaged": f"{self.damaged.name} ({self.why})", "resume.fallback": self.folder.name}
+
+
+def choose_resume(resume: str, output_dir: str | Path, main_process: bool = True) -> Resumed:
+    """The checkpoint `--resume` loads, checked against its manifest first (on every rank alike).
+
+    `--resume` (latest) whose checkpoint is damaged resumes from the newest intact one, with a warning
+    (from the main process), which is what an unattended requeue needs; `--resume <folder>` naming a
+    damaged checkpoint raises `InputError` naming the file and the intact alternatives."""
+    if resume == LATEST and (pointer := latest_folder(output_dir)) is not None and not pointer.is_dir():
+        folder = pointer  # `latest` names a folder that is gone: damaged like any other
+    else:
+        folder = resolve_resume(resume, output_dir)
+    why = damage(folder)
+    if why is None:
+        return Resumed(folder)
+    root = folder.parent if resume != LATEST else checkpoint_root(output_dir)
+    # Only checkpoints with a manifest count as intact: a folder without one may be a save cut short.
+    others = [p for p in _checkpoints(root) if p != folder and (p / MANIFEST).is_file()]
+    if resume == LATEST:
+        fallback = next((p for p in others if damage(p) is None), None)
+        if fallback is None:
+            raise InputError(
+                f"--resume: {folder} (checkpoints/latest) is damaged: {why}; no other checkpoint in {root} is intact. "
+                "Start over with --exist-ok, or restore the run folder from a copy"
+            )
+        if main_process:
+            print(
+                f"warning: {folder} (checkpoints/latest) is damaged: {why}; resuming from {fallback.name}, the newest "
+                "intact checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+        return Resumed(fallback, folder, why)
+    intact = [p for p in others if damage(p) is None]
+    alternatives = (
+        f"intact: {', '.join(str(p) for p in intact)} (--resume <one of them>, or --resume alone for the newest)"
+        if intact
+        else f"no other checkpoint in {root} is intact"
+    )
+    raise InputError(f"--resume {resume}: the checkpoint is damaged: {why}; {alternatives}")
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders in `root`, newest first: by step, then by the save's number at that step."""
+    found = [(m, p) for p in root.glob("step-*") if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return [p for m, p in sorted(found, key=lambda f: (int(f[0][1]), int(f[0][2] or 0)), reverse=True)]
 
 
 def read_run(folder: Path) -> dict | None:
