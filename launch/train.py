@@ -11,8 +11,9 @@ already holds a run stop every rank with one line (the file, line or key, and th
 data is trained on or any process group is used. Exit codes (the same through `launch/launch.py`,
 DeepSpeed's launcher and slurm/train.sh): 0 done, 2 bad input, 3 too many non-finite losses (`latest`
 holds the last finite state), 74 a checkpoint could not be written (disk full; `latest` intact),
-75 stopped by SIGTERM/SIGUSR1 (checkpoint saved; rerun with --resume). One run writes an output
-folder at a time (`run.lock`; --force-unlock takes over the lock of a run that is gone).
+75 stopped by SIGTERM/SIGUSR1 or Ctrl-C (checkpoint saved; rerun with --resume), 130 Ctrl-C twice
+(stopped at once). One run writes an output folder at a time (`run.lock`; --force-unlock takes over
+the lock of a run that is gone).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from adyolo.config import load_run_config
 from adyolo.engine.batching import BatchSplitError
-from adyolo.failures import EXIT_BAD_INPUT, RunFailure, record_exit, stop_with_parent
+from adyolo.failures import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RunFailure, record_exit, stop_with_parent
 from adyolo.run import build_run
 from adyolo.schema import ConfigError
 
@@ -76,6 +77,10 @@ def main() -> int:
         if main_rank:
             print(f"error: {err}", file=sys.stderr)
         code = getattr(err, "exit_code", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:  # Ctrl-C twice during training, or once before it began: nothing saved now
+        if main_rank:
+            print("interrupted (Ctrl-C): stopped without saving; --resume continues from checkpoints/latest")
+        code = EXIT_INTERRUPTED
     record_exit(code)
     return code
 
