@@ -45,7 +45,7 @@ from adyolo.failures import InputError
 from adyolo.model.summary import summarize
 from adyolo.plan.auto import plan_run
 from adyolo.schema import to_dict
-from adyolo.tracking import Tracker, default_store_uri, flatten, tracking_uri
+from adyolo.tracking import Tracker, check_tracking_server, default_store_uri, flatten, tracking_uri
 
 # Where a Slurm job ran, for the MLflow run (slurm/train.sh).
 SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
@@ -69,9 +69,10 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
     )
 
     # What can be checked without a process group is, on every rank alike and before anything costly:
-    # the output folder (and that no other run writes it), the checkpoint to resume (against its
-    # manifest), the user's data (read here once: every label file).
+    # the output folder (and that no other run writes it), the tracking server, the checkpoint to resume
+    # (against its manifest), the user's data (read here once: every label file).
     check_output_dir(cfg.output_dir, resume, exist_ok, force_unlock)
+    check_tracking_server(cfg.log.tracking_uri, cfg.output_dir)  # seconds, not MLflow's minutes of retries
     resumed = choose_resume(resume, cfg.output_dir, main_process) if resume else None
     resume_folder = resumed.folder if resumed else None
     datasets = None
