@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ from adyolo.failures import InputError, WriteFailed
 LATEST = "latest"
 RUN_FILE = "run.json"  # what a resumed run must agree with: written beside each checkpoint
 MANIFEST = "manifest.json"  # every file of a complete checkpoint: size and CRC-32
-HASH_CHUNK = 2**22
+HASH_PART = 2**24  # bytes hashed as one piece: the pieces of a checkpoint are hashed in parallel
+HASH_THREADS = 16
 CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-<n>, or step-<n>-<k> for the k-th save at step n
 LOW_SPACE_BYTES = 64 * 2**20  # below this much free space, a failed write is named "disk full"
 
@@ -141,20 +143,32 @@ def write_failure(target: Path, error: BaseException | None, latest: Path | None
 
 
 def write_manifest(folder: Path) -> None:
-    """`folder/manifest.json`: the size and CRC-32 of every file below `folder` (main process, after every
+    """`folder/manifest.json`: the size and CRC-32s of every file below `folder` (main process, after every
     rank has written)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    listed = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in files}
-    _write_atomically(folder / MANIFEST, json.dumps({"files": listed}, indent=1))
+    sizes = [p.stat().st_size for p in files]
+    listed = {
+        p.relative_to(folder).as_posix(): {"size": size, "crc32": crcs}
+        for p, size, crcs in zip(files, sizes, _crc32s(files, sizes))
+    }
+    _write_atomically(folder / MANIFEST, json.dumps({"part_bytes": HASH_PART, "files": listed}, indent=1))
 
 
-def _crc32(path: Path) -> str:
-    """CRC-32 of a file, read in chunks: a hash that finds flipped and lost bytes at memory speed."""
-    crc = 0
-    with path.open("rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
+def _crc32s(files: list[Path], sizes: list[int], part: int = HASH_PART) -> list[list[str]]:
+    """The CRC-32 of each `part`-byte piece of each file (a hash that finds flipped and lost bytes at
+    memory speed), the pieces of all files on a pool of threads: zlib lets go of the GIL, so a save's
+    hashing takes about 1/cores of one pass over its bytes."""
+
+    def crc32(piece: tuple[Path, int]) -> str:
+        path, offset = piece
+        with path.open("rb") as file:
+            file.seek(offset)
+            return f"{zlib.crc32(file.read(part)):08x}"
+
+    pieces = [(path, offset) for path, size in zip(files, sizes) for offset in range(0, max(size, 1), part)]
+    with ThreadPoolExecutor(max(1, min(len(pieces), os.cpu_count() or 1, HASH_THREADS))) as pool:
+        crcs = iter(pool.map(crc32, pieces))
+    return [[next(crcs) for _ in range(0, max(size, 1), part)] for size in sizes]
 
 
 def damage(folder: Path) -> str | None:
@@ -167,17 +181,20 @@ def damage(folder: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        listed = json.loads(path.read_text())["files"]
+        manifest = json.loads(path.read_text())
+        listed = {name: (int(f["size"]), list(f["crc32"])) for name, f in manifest["files"].items()}
+        part = int(manifest["part_bytes"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{MANIFEST}: unreadable ({type(err).__name__})"
-    for name, expected in listed.items():
+    for name, (size, _) in listed.items():
         file = folder / name
         if not file.is_file():
             return f"{name}: missing"
-        size = file.stat().st_size
-        if size != expected["size"]:
-            return f"{name}: {size} bytes, {expected['size']} when written"
-        if _crc32(file) != expected["crc32"]:
+        if file.stat().st_size != size:
+            return f"{name}: {file.stat().st_size} bytes, {size} when written"
+    found = _crc32s([folder / name for name in listed], [size for size, _ in listed.values()], part)
+    for (name, (_, expected)), crcs in zip(listed.items(), found):
+        if crcs != expected:
             return f"{name}: its content differs from when it was written (CRC-32)"
     return None
 
@@ -187,23 +204,34 @@ def _point_latest(root: Path, name: str) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints (and `latest`); remove older ones and saves cut short."""
     latest = (root / LATEST).read_text().strip()
-    folders = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in folders[:-keep]:
-        if old.name != latest:
+    kept = {p.name for p in complete_checkpoints(root)[:keep]} | {latest}
+    for old in _checkpoints(root):
+        if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders in `root` that a save finished, newest first: those with a manifest, and
+    those older than every one with a manifest (written before manifests existed). A folder without one
+    that is newer was a save cut short (a killed rank): `latest` never pointed at it."""
+    folders = _checkpoints(root)
+    listed = [p for p in folders if (p / MANIFEST).is_file()]
+    if not listed:
+        return folders
+    return [p for p in folders if (p / MANIFEST).is_file() or _age(p) < _age(listed[-1])]
 
 
 def roll_back_latest(output_dir: str | Path, before_step: int) -> Path | None:
     """Point `latest` at the newest complete checkpoint of a step before `before_step` (main process
     only); returns it, or None (and `latest` unchanged) when there is none."""
     root = checkpoint_root(output_dir)
-    complete = [p for p in root.glob("step-*") if (p / RUN_FILE).is_file() and step_of(p) < before_step]
-    if not complete:
+    earlier = [p for p in complete_checkpoints(root) if step_of(p) < before_step]
+    if not earlier:
         return None
-    newest = max(complete, key=lambda p: (step_of(p), p.name))
-    _point_latest(root, newest.name)
-    return newest
+    _point_latest(root, earlier[0].name)
+    return earlier[0]
 
 
 def step_of(folder: Path) -> int:
@@ -285,8 +313,14 @@ def choose_resume(resume: str, output_dir: str | Path, main_process: bool = True
 
 def _checkpoints(root: Path) -> list[Path]:
     """The checkpoint folders in `root`, newest first: by step, then by the save's number at that step."""
-    found = [(m, p) for p in root.glob("step-*") if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))]
-    return [p for m, p in sorted(found, key=lambda f: (int(f[0][1]), int(f[0][2] or 0)), reverse=True)]
+    found = [p for p in root.glob("step-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=_age, reverse=True)
+
+
+def _age(folder: Path) -> tuple[int, int]:
+    """(step, the save's number at that step) of a `step-<n>` or `step-<n>-<k>` folder."""
+    step, k = CHECKPOINT_NAME.fullmatch(folder.name).groups()
+    return int(step), int(k or 0)
 
 
 def read_run(folder: Path) -> dict | None:

@@ -24,8 +24,10 @@ from adyolo.engine.checkpoint import (
     _point_latest,
     _prune,
     choose_resume,
+    complete_checkpoints,
     damage,
     resolve_resume,
+    roll_back_latest,
     write_manifest,
 )
 from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
@@ -220,6 +222,22 @@ def test_a_damaged_checkpoint_is_found_before_it_is_loaded(tmp_path, capsys):
     fresh = checkpoint(root, "step-00000009")
     _point_latest(root, "step-00000010")
     assert choose_resume("latest", tmp_path).folder == fresh
+
+
+def test_pruning_keeps_complete_checkpoints_and_drops_saves_cut_short(tmp_path):
+    """A rank killed during a save leaves a folder without a manifest; the next save at that step gets
+    another name. Pruning must keep the complete ones, so that a damaged `latest` has one to fall back to."""
+    root = tmp_path / "checkpoints"
+    legacy = checkpoint(root, "step-00000002", manifest=False)  # from before manifests: complete
+    checkpoint(root, "step-00000006")
+    checkpoint(root, "step-00000008")
+    cut_short = checkpoint(root, "step-00000010", manifest=False)
+    assert complete_checkpoints(root) == [root / "step-00000008", root / "step-00000006", legacy]
+    checkpoint(root, _free_name(root, 10))
+    _point_latest(root, "step-00000010-1")
+    _prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008", "step-00000010-1"]
+    assert not cut_short.exists() and roll_back_latest(tmp_path, 10) == root / "step-00000008"
 
 
 def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
