@@ -93,6 +93,8 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
     probe = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train) if auto_micro else None
     accelerator, split, precision, zero_stage = build_accelerator(cfg.train, cfg.optim, cfg.output_dir, probe)
     hold_run_folder(accelerator, cfg.output_dir, force_unlock)  # one writer per run folder, from here on
+    if resumed is not None and accelerator.is_main_process:
+        resumed.set_aside()  # a damaged `latest` resumed around
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if exist_ok and not resume:

@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"  # every file of a complete checkpoint: size and CRC-
 HASH_PART = 2**24  # bytes hashed as one piece: the pieces of a checkpoint are hashed in parallel
 HASH_THREADS = 16
 CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-<n>, or step-<n>-<k> for the k-th save at step n
+DAMAGED_PREFIX = "damaged-"  # a checkpoint found damaged and resumed around, kept under this name
 LOW_SPACE_BYTES = 64 * 2**20  # below this much free space, a failed write is named "disk full"
 
 
@@ -270,6 +271,16 @@ class Resumed:
             return {}
         return {"resume.damaged": f"{self.damaged.name} ({self.why})", "resume.fallback": self.folder.name}
 
+    def set_aside(self) -> None:
+        """After a fall-back (main process, holding the run folder, every rank past `choose_resume`): the
+        damaged checkpoint becomes `damaged-<name>`, kept for a look but no longer a checkpoint that pruning
+        could keep in place of an intact one, and `latest` points at the checkpoint resumed from."""
+        if self.damaged is None:
+            return
+        if self.damaged.is_dir():
+            self.damaged.rename(self.damaged.with_name(f"{DAMAGED_PREFIX}{self.damaged.name}"))
+        _point_latest(self.folder.parent, self.folder.name)
+
 
 def choose_resume(resume: str, output_dir: str | Path, main_process: bool = True) -> Resumed:
     """The checkpoint `--resume` loads, checked against its manifest first (on every rank alike).
@@ -297,7 +308,7 @@ def choose_resume(resume: str, output_dir: str | Path, main_process: bool = True
         if main_process:
             print(
                 f"warning: {folder} (checkpoints/latest) is damaged: {why}; resuming from {fallback.name}, the newest "
-                "intact checkpoint",
+                f"intact checkpoint (the damaged one is kept as {DAMAGED_PREFIX}{folder.name})",
                 file=sys.stderr,
                 flush=True,
             )

@@ -112,7 +112,7 @@ class Job:
         shown = PROGRESS.findall(self.text)
         return None if not shown else (int(shown[-1][0]) - 1) * STEPS_PER_EPOCH + int(shown[-1][1])
 
-    def wait_until(self, done, timeout: float = 300) -> bool:
+    def wait_until(self, done, timeout: float = 900) -> bool:
         """Whether `done()` came true while the job ran (and within `timeout`)."""
         deadline = time.time() + timeout
         while not done():
@@ -121,10 +121,16 @@ class Job:
             time.sleep(0.1)
         return True
 
-    def end(self, timeout: float = 300) -> int:
+    def end(self, timeout: float = 3600) -> int:
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=30)
         return code
+
+    def stop(self) -> None:
+        """Kill whatever of the job still runs (its session: the launcher and the ranks)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def ranks(self) -> list[psutil.Process]:
         children = psutil.Process(self.proc.pid).children(recursive=True)
@@ -208,6 +214,7 @@ def soak(faults: int, seed: int, root: Path, launcher: str = "ddp") -> Soak:
     mounted = mount_small_disk(disk)
     kinds = [k for k in KINDS if mounted or k != "disk full"]
     result = Soak(disk=disk if mounted else None)
+    job = None
     # Every kind once first (in a random order), then any; enough steps for each run to train a few.
     plan = rng.sample(kinds, len(kinds))[:faults] + [rng.choice(kinds) for _ in range(faults - len(kinds))]
     # A run trains at most 3 steps, one more in flight, and 2 to the checkpoint that a full disk stops.
@@ -253,6 +260,8 @@ def soak(faults: int, seed: int, root: Path, launcher: str = "ddp") -> Soak:
             if abs(value - expected[step]) > TOLERANCE * abs(expected[step]):
                 result.mismatches.append(f"step {step}: loss {value} after a fault, {expected[step]} without")
     finally:
+        if job is not None:
+            job.stop()
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], check=False)
         result.seconds = time.monotonic() - started

@@ -222,6 +222,13 @@ def test_a_damaged_checkpoint_is_found_before_it_is_loaded(tmp_path, capsys):
     fresh = checkpoint(root, "step-00000009")
     _point_latest(root, "step-00000010")
     assert choose_resume("latest", tmp_path).folder == fresh
+    # Once the run holds the folder, a damaged `latest` is set aside: pruning cannot keep it in place of an
+    # intact checkpoint, and the next --resume finds `latest` intact.
+    _point_latest(root, newer.name)
+    resumed = choose_resume("latest", tmp_path)
+    resumed.set_aside()
+    assert (root / "damaged-step-00000008").is_dir() and not newer.exists()
+    assert (root / LATEST).read_text().strip() == "step-00000009" and choose_resume("latest", tmp_path).damaged is None
 
 
 def test_pruning_keeps_complete_checkpoints_and_drops_saves_cut_short(tmp_path):

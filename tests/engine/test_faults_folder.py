@@ -85,6 +85,7 @@ def test_a_damaged_latest_falls_back_to_an_intact_checkpoint(synthetic, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(checkpoints/latest) is damaged: model.safetensors" in proc.stderr
     assert "resuming from step-00000003, the newest intact checkpoint" in proc.stderr
+    assert (out / "checkpoints" / "damaged-step-00000004" / "model.safetensors").read_bytes() == bytes(data)
     assert "step-00000003: epoch 1, step 3" in proc.stdout
     client, mlrun = mlflow_run(out)
     assert mlrun.data.tags["resume.fallback"] == "step-00000003"
