@@ -246,7 +246,7 @@ class Tracker:
             import mlflow
 
             values = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()}
-            with self._tolerated("parameters"):
+            with self._tolerated("log parameters"):
                 existing = mlflow.get_run(self.run_id).data.params
                 # A resumed run may not change a parameter it already logged.
                 mlflow.log_params({k: v for k, v in values.items() if k not in existing})
@@ -255,7 +255,7 @@ class Tracker:
         if self.writing:
             import mlflow
 
-            with self._tolerated("tags"):
+            with self._tolerated("set tags"):
                 mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def describe(self, markdown: str) -> None:
@@ -266,21 +266,21 @@ class Tracker:
         if self.writing:
             import mlflow
 
-            with self._tolerated("metrics"):
+            with self._tolerated("log metrics"):
                 mlflow.log_metrics({k: rounded(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.writing:
             import mlflow
 
-            with self._tolerated("an artifact"):
+            with self._tolerated("log an artifact"):
                 mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_artifacts(self, local_dir: str | Path, folder: str | None = None) -> None:
         if self.writing:
             import mlflow
 
-            with self._tolerated("artifacts"):
+            with self._tolerated("log artifacts"):
                 mlflow.log_artifacts(str(local_dir), artifact_path=folder)
 
     @contextlib.contextmanager
@@ -308,7 +308,7 @@ class Tracker:
                         file=sys.stderr,
                     )
                 else:
-                    print(f"warning: MLflow could not log {what} ({reason}); training goes on", file=sys.stderr)
+                    print(f"warning: MLflow could not {what} ({reason}); training goes on", file=sys.stderr)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a metric logged so far in this run, also by the job before a resume."""
@@ -317,7 +317,7 @@ class Tracker:
         import mlflow
 
         found = []
-        with self._tolerated(f"(read) {key}"):
+        with self._tolerated(f"read the history of {key}"):
             found = mlflow.MlflowClient().get_metric_history(self.run_id, key)
         return sorted((m.step, m.value) for m in found)
 
@@ -328,7 +328,7 @@ class Tracker:
             if self._reserve is not None:  # room for the last write, should the disk be full
                 self._reserve.unlink(missing_ok=True)
             # Also when the server stopped answering: it may be back, and the run is ended in this process.
-            with self._tolerated(f"the run's end ({status})"):
+            with self._tolerated(f"end the run ({status})"):
                 mlflow.end_run(status=status)
             for key, value in self._environment.items():
                 if value is None:
