@@ -135,11 +135,21 @@ def _read_mapping(path: Path, prefix: str = "") -> tuple[dict[str, Any], dict[st
 
 
 def _record_lines(node: yaml.Node, prefix: str, filename: str, where: dict[str, str]) -> None:
+    """Record where each key was written. A key written twice in one mapping raises `ConfigError` naming
+    both lines: YAML itself keeps the last one and says nothing."""
     if not isinstance(node, yaml.MappingNode):
         return
     for key_node, value_node in node.value:
         key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-        where[key] = f"{filename}:{key_node.start_mark.line + 1}"
+        line = key_node.start_mark.line + 1
+        if key in where:
+            first = where[key].rpartition(":")[2]
+            raise ConfigError(
+                key,
+                f"written twice, on lines {first} and {line} (YAML would silently keep the second); keep one",
+                location=f"{filename}:{line}",
+            )
+        where[key] = f"{filename}:{line}"
         _record_lines(value_node, key, filename, where)
 
 

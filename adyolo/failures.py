@@ -15,7 +15,8 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2  # a config, data, resume or output-folder error; nothing trained, nothing written
 EXIT_NONFINITE = 3  # too many non-finite losses in a row; `latest` holds the last finite state
 EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written (disk full); `latest` is intact
-EXIT_STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1, checkpoint saved: rerun with --resume
+EXIT_STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1/SIGINT, checkpoint saved: rerun with --resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell says it: Ctrl-C twice, stopped at once without saving
 
 EXIT_FILE_ENV = "ADYOLO_EXIT_FILE"  # where each node's local main rank writes the job's exit code
 

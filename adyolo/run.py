@@ -26,13 +26,14 @@ from adyolo.data.dataset import build_datasets, build_loader, check_datasets
 from adyolo.engine.accelerator import Launch, build_accelerator, launch_settings, rank_placement, resolve_launch
 from adyolo.engine.autobatch import agree_on_micro_batch, probe_step
 from adyolo.engine.batching import GlobalBatchSampler
-from adyolo.engine.checkpoint import TrainingState, resolve_resume
+from adyolo.engine.checkpoint import TrainingState, choose_resume
 from adyolo.engine.cuda_allocator import configure_cuda_allocator
 from adyolo.engine.host_memory import keep_freed_memory
 from adyolo.engine.noise import quiet_known_noise
 from adyolo.engine.phases import PhaseTimes
 from adyolo.engine.preflight import check_output_dir, check_resume, clear_previous_run, resumed_batches
 from adyolo.engine.report import RunReport
+from adyolo.engine.run_lock import hold_run_folder
 from adyolo.engine.setup import TrainingConfigs, prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
 from adyolo.engine.universal import load_state
@@ -40,16 +41,17 @@ from adyolo.failures import InputError
 from adyolo.model.summary import summarize
 from adyolo.plan.auto import plan_run
 from adyolo.schema import to_dict
-from adyolo.tracking import Tracker, default_store_uri, flatten, tracking_uri
+from adyolo.tracking import Tracker, check_tracking_server, default_store_uri, flatten, tracking_uri
 
 # Where a Slurm job ran, for the MLflow run (slurm/train.sh).
 SLURM_TAGS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
 
 
-def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False) -> Trainer:
+def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False, force_unlock: bool = False) -> Trainer:
     """Everything a run needs, on this rank; `.fit()` trains it. `resume`: "latest" or a checkpoint
-    folder, or None; `exist_ok`: start over in an output folder that holds a run. Raises `ConfigError`,
-    `BatchSplitError` or `InputError` (the same on every rank) before any process group or output exists."""
+    folder, or None; `exist_ok`: start over in an output folder that holds a run; `force_unlock`: take the
+    folder over from a run that left its lock. Raises `ConfigError`, `BatchSplitError` or `InputError`
+    (the same on every rank) before any process group or output exists."""
     # The setup phase of the run's time breakdown counts from the process's start (imports included).
     started = time.monotonic() - max(time.time() - psutil.Process().create_time(), 0.0)
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -59,10 +61,13 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
 
     # What can be checked without a process group is, on every rank alike and before anything costly:
     # the device (a GPU node whose GPUs torch cannot use stops here), the DeepSpeed JSON and precision,
-    # the output folder, the checkpoint to resume, the user's data (read here once: every label file).
+    # the output folder (and that no other run writes it), the tracking server, the checkpoint to resume
+    # (against its manifest), the user's data (read here once: every label file).
     settings = launch_settings(cfg.train, cfg.optim)
-    check_output_dir(cfg.output_dir, resume, exist_ok)
-    resume_folder = resolve_resume(resume, cfg.output_dir) if resume else None
+    check_output_dir(cfg.output_dir, resume, exist_ok, force_unlock)
+    check_tracking_server(cfg.log.tracking_uri, cfg.output_dir)  # seconds, not MLflow's minutes of retries
+    resumed = choose_resume(resume, cfg.output_dir, main_process) if resume else None
+    resume_folder = resumed.folder if resumed else None
     datasets = None
     if cfg.data.train is not None:
         datasets = build_datasets(cfg.data, cfg.model.img_size, cfg.train.seed, settings.local_world_size)
@@ -80,6 +85,9 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
     )
 
     accelerator = build_accelerator(launch, cfg.train.timeout_s, cfg.output_dir)
+    hold_run_folder(accelerator, cfg.output_dir, force_unlock)  # one writer per run folder, from here on
+    if resumed is not None and accelerator.is_main_process:
+        resumed.set_aside()  # a damaged `latest` resumed around
     if settings.device == "cuda" and plan is not None and "train.micro_batch" in plan.auto:
         # On a GPU a real step confirms the planned micro-batch on every rank; all take the smallest.
         fits = probe_step(cfg.model, cfg.loss, cfg.optim, cfg.train, launch.precision, accelerator.device)
@@ -157,7 +165,8 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False)
         }
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}
-    tracker.set_tags({**placement, **slurm, "distributed_type": accelerator.distributed_type.name})
+    resume_tags = resumed.tags if resumed else {}  # which checkpoint, when `latest` was damaged
+    tracker.set_tags({**placement, **slurm, **resume_tags, "distributed_type": accelerator.distributed_type.name})
     description = describe(cfg, launch, summary)
     tracker.describe(description)
     if accelerator.is_main_process:

@@ -12,6 +12,11 @@ The experiment is tagged as model training (`mlflow.experimentKind`), so MLflow 
 its training view rather than the GenAI one. Metric values are rounded to 6 significant digits:
 float noise in the 15th digit only makes the UI's tables harder to read.
 
+A tracking server (an http(s) URI) is asked whether it answers before a run starts
+(`check_tracking_server`: a few seconds, not MLflow's four minutes of retries). One that stops
+answering during the run costs its charts, never the run: the tracker warns once and stops talking to
+it (results.csv, results.png and the checkpoints go on in the run folder).
+
 MLflow is imported where a store is opened, not with this module: importing `adyolo.run` took 8.1 s
 without it and 12.1 s with it (2 busy cores, 2026-12-03), and only the main process of a run writes
 (nor need a run refused for bad input wait for it).
@@ -24,9 +29,13 @@ import logging
 import os
 import sqlite3
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from adyolo.schema import ConfigError
 
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer parameter values
 STORE_FILE = "mlflow.db"
@@ -36,6 +45,14 @@ RESERVE_FILE, RESERVE_BYTES = ".mlflow-reserve", 2**20
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI
 SIGNIFICANT_DIGITS = 6
+ANSWER_TIMEOUT_S = 5.0  # how long a tracking server has to answer before the run starts without it
+# MLflow retries a request for about four minutes by default (rate limits); against a server that is gone
+# that stalls training. A tracker on a server uses these unless the environment sets its own.
+SERVER_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -48,6 +65,41 @@ def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
 
 def default_store_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / STORE_FILE}"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def unanswered(uri: str, timeout: float = ANSWER_TIMEOUT_S) -> str | None:
+    """Why the tracking server at `uri` does not answer (refused, timed out, unknown host), or None when
+    it answers at all (any HTTP status: a proxy or its authentication is MLflow's to report)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return str(reason) or type(reason).__name__
+
+
+def check_tracking_server(configured: str | None, output_dir: str | Path) -> None:
+    """Raise `ConfigError` (naming the URI, where it was set and how to log without it) when the run's
+    store is a tracking server that does not answer within `ANSWER_TIMEOUT_S`."""
+    uri = tracking_uri(configured, output_dir)
+    if not is_server(uri) or (problem := unanswered(uri)) is None:
+        return
+    own = default_store_uri(output_dir)
+    if configured:
+        key, instead = "log.tracking_uri", f"set log.tracking_uri={own}"
+    else:
+        key, instead = "MLFLOW_TRACKING_URI", "unset MLFLOW_TRACKING_URI"
+    raise ConfigError(
+        key,
+        f"the MLflow tracking server {uri} does not answer ({problem}); start it, or {instead} to log into "
+        f"the run folder's own store ({own})",
+    )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -136,17 +188,27 @@ class Tracker:
     ):
         self.enabled = enabled
         self.run_id = run_id
+        self.uri = uri
+        self.output_dir = Path(output_dir)
         self._warned = False
+        self._offline = False  # a tracking server that stopped answering is not asked again
         self._reserve: Path | None = None
+        self._environment: dict[str, str | None] = {}  # what `SERVER_RETRIES` replaced, put back by `finish`
         if not enabled:
             return
         import mlflow
+
+        if is_server(uri):
+            self._environment = {k: os.environ.get(k) for k in SERVER_RETRIES}
+            for key, value in SERVER_RETRIES.items():
+                os.environ.setdefault(key, value)
 
         # "Creating initial MLflow database tables..." and the like, on every new store.
         # Its errors (logged with a traceback) also raise to the caller, where `_tolerated` names them.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ..."
+        # "Started monitoring ...", and its own word when the store fails (`_tolerated` says that once).
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         if uri == default_store_uri(output_dir):
             relocate_store(output_dir)
             # Space set aside beside the store and given up by `finish`: a run that ends on a full disk
@@ -174,69 +236,89 @@ class Tracker:
         )
         self.run_id = self.run.info.run_id
 
+    @property
+    def writing(self) -> bool:
+        """Whether calls reach the store: on the main process, while the store answers."""
+        return self.enabled and not self._offline
+
     def log_params(self, params: Mapping[str, Any]) -> None:
-        if self.enabled:
+        if self.writing:
             import mlflow
 
             values = {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()}
-            existing = mlflow.get_run(self.run_id).data.params
-            # A resumed run may not change a parameter it already logged.
-            mlflow.log_params({k: v for k, v in values.items() if k not in existing})
+            with self._tolerated("log parameters"):
+                existing = mlflow.get_run(self.run_id).data.params
+                # A resumed run may not change a parameter it already logged.
+                mlflow.log_params({k: v for k, v in values.items() if k not in existing})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.enabled:
+        if self.writing:
             import mlflow
 
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            with self._tolerated("set tags"):
+                mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def describe(self, markdown: str) -> None:
         """The run's description (the UI's "Description" box)."""
         self.set_tags({DESCRIPTION_TAG: markdown})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.enabled:
+        if self.writing:
             import mlflow
 
-            with self._tolerated("metrics"):
+            with self._tolerated("log metrics"):
                 mlflow.log_metrics({k: rounded(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        if self.enabled:
+        if self.writing:
             import mlflow
 
-            with self._tolerated("an artifact"):
+            with self._tolerated("log an artifact"):
                 mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_artifacts(self, local_dir: str | Path, folder: str | None = None) -> None:
-        if self.enabled:
+        if self.writing:
             import mlflow
 
-            with self._tolerated("artifacts"):
+            with self._tolerated("log artifacts"):
                 mlflow.log_artifacts(str(local_dir), artifact_path=folder)
 
     @contextlib.contextmanager
     def _tolerated(self, what: str):
         """A store that cannot take a write (a full disk, a tracking server gone) costs charts, not the
-        run: warned about once, and training goes on (its checkpoints say whether it can)."""
+        run: warned about once, and training goes on (its checkpoints say whether it can). A tracking
+        server that no longer answers is not asked again."""
         import mlflow
         import sqlalchemy
 
         try:
             yield
         except (OSError, mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as err:
+            gone = is_server(self.uri) and unanswered(self.uri) is not None
+            self._offline = self._offline or gone
             if not self._warned:
                 self._warned = True
                 lines = [line for line in str(err).splitlines() if line and not line.startswith("(raised as")]
                 reason = lines[0][:200] if lines else type(err).__name__
-                print(f"warning: MLflow could not log {what} ({reason}); training goes on", file=sys.stderr)
+                if gone:
+                    print(
+                        f"warning: the MLflow tracking server {self.uri} stopped answering ({reason[:120]}); training "
+                        f"goes on without it: results.csv, results.png and the checkpoints in {self.output_dir} "
+                        f"keep the record (its run {self.run_id} stays RUNNING there)",
+                        file=sys.stderr,
+                    )
+                else:
+                    print(f"warning: MLflow could not {what} ({reason}); training goes on", file=sys.stderr)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a metric logged so far in this run, also by the job before a resume."""
-        if not self.enabled:
+        if not self.writing:
             return []
         import mlflow
 
-        found = mlflow.MlflowClient().get_metric_history(self.run_id, key)
+        found = []
+        with self._tolerated(f"read the history of {key}"):
+            found = mlflow.MlflowClient().get_metric_history(self.run_id, key)
         return sorted((m.step, m.value) for m in found)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -245,5 +327,11 @@ class Tracker:
 
             if self._reserve is not None:  # room for the last write, should the disk be full
                 self._reserve.unlink(missing_ok=True)
-            with self._tolerated(f"the run's end ({status})"):
+            # Also when the server stopped answering: it may be back, and the run is ended in this process.
+            with self._tolerated(f"end the run ({status})"):
                 mlflow.end_run(status=status)
+            for key, value in self._environment.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

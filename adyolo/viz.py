@@ -137,8 +137,10 @@ def plot_results(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    finally:  # also when the disk is full: an open figure is kept by pyplot
+        plt.close(fig)
     return Path(path)
 
 
@@ -154,8 +156,10 @@ def plot_memory_by_rank(series: Mapping[str, Mapping[int, Sequence[tuple[int, fl
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    finally:  # also when the disk is full: an open figure is kept by pyplot
+        plt.close(fig)
     return Path(path)
 
 
@@ -173,6 +177,8 @@ def plot_pr_curves(curves: Mapping[str, object], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    finally:  # also when the disk is full: an open figure is kept by pyplot
+        plt.close(fig)
     return Path(path)

@@ -4,10 +4,10 @@
 
 `accelerate launch` (torchrun) reports any failed rank as exit code 1 after a long traceback of its
 own. This wrapper runs it, passes its output through, and exits with the code the ranks agreed on
-(2 bad input, 3 non-finite, 74 write failed, 75 stopped by signal: see launch/train.py), leaving
-out the launcher's traceback for those expected endings. SIGTERM, SIGUSR1 and SIGINT reach the
-ranks as SIGTERM (they save and stop with 75), and if this wrapper is killed outright the launcher
-gets SIGTERM from the kernel, so no rank trains on unsupervised.
+(2 bad input, 3 non-finite, 74 write failed, 75 stopped by signal, 130 Ctrl-C twice: see
+launch/train.py), leaving out the launcher's traceback for those expected endings. SIGTERM, SIGUSR1
+and SIGINT reach the ranks as SIGTERM (they save and stop with 75), and if this wrapper is killed
+outright the launcher gets SIGTERM from the kernel, so no rank trains on unsupervised.
 """
 
 from __future__ import annotations

@@ -96,6 +96,13 @@ def test_shipped_model_configs_load():
             4,
             ["activation checkpointing", "train.compile=false or model.checkpoint=[]"],
         ),
+        # A key written twice: YAML keeps the last one without a word.
+        ("epochs: 1\nmodel:\n  size: n\nepochs: 3\n", "epochs", 4, ["written twice, on lines 1 and 4", "keep one"]),
+        ("model:\n  size: n\n  fusion: full\n  size: s\n", "model.size", 4, ["lines 2 and 4"]),
+        # Optimiser values torch.optim would refuse, or train on into NaN.
+        ("optim:\n  warmup_momentum: 1.5\n", "optim.warmup_momentum", 2, ["1.5 must be in [0, 1)"]),
+        ("optim:\n  lr: .nan\n", "optim.lr", 2, ["nan must be a finite number"]),
+        ("optim:\n  weight_decay: .inf\n", "optim.weight_decay", 2, ["inf must be a finite number"]),
     ],
 )
 def test_bad_values_name_file_line_key_and_fix(tmp_path, body, key, line, words):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -237,6 +238,9 @@ def usable_boxes(labels: np.ndarray) -> np.ndarray:
 def _worker_init(worker_id: int) -> None:
     # OpenCV's own thread pool in every worker oversubscribes the cores.
     cv2.setNumThreads(0)
+    # Ctrl-C reaches every process of the terminal: the trainer finishes its step and saves on the first,
+    # and needs its workers for the rest of that step. They end with the loader (or their parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loader(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,13 +34,20 @@ class OptimConfig:
     """Clip the global gradient norm (0: off). Under DeepSpeed, set `gradient_clipping` in its JSON."""
 
     def __post_init__(self) -> None:
+        # What torch.optim would refuse (or take and train on with NaN) is refused here, with its key.
+        numbers = ("lr", "final_lr_ratio", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum")
+        for key in (*numbers, "warmup_bias_lr", "grad_clip"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(key, f"{getattr(self, key)} must be a finite number")
         for key in ("lr", "final_lr_ratio", "weight_decay", "warmup_epochs", "grad_clip", "warmup_bias_lr"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"{getattr(self, key)} must not be negative")
         if self.lr == 0:
             raise ConfigError("lr", "0 would never update the weights")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", f"{self.momentum} must be in [0, 1)")
+        # 0 is plain SGD without momentum (no Nesterov, no momentum warm-up); see `build_optimizer`.
+        for key in ("momentum", "warmup_momentum"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(key, f"{getattr(self, key)} must be in [0, 1)")
 
 
 @dataclass

@@ -41,7 +41,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     # PyTorch's fused kernels (CPU and CUDA) update all tensors in one pass: on the size-n detector on a
     # 2-core CPU an AdamW step took 10.9 ms fused against 40 ms one tensor at a time.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=True)
+        # Nesterov needs momentum; `momentum: 0` asks for plain SGD (torch would refuse Nesterov without it).
+        nesterov = cfg.momentum > 0
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, ADAMW_BETA2), fused=True)
 
 
@@ -50,8 +52,9 @@ class Schedule:
 
     Warm-up (YOLOv5): over max(warmup_epochs x steps/epoch, warmup_min_steps) steps, weights and
     BatchNorm rise linearly from 0 to the epoch's rate, biases fall from `warmup_bias_lr`, SGD
-    momentum rises from `warmup_momentum`. The epoch's rate decays from lr to lr x final_lr_ratio
-    (cosine or linear) and is constant within an epoch, as YOLO's per-epoch LambdaLR.
+    momentum rises from `warmup_momentum` (unless `momentum` is 0: none at all). The epoch's rate
+    decays from lr to lr x final_lr_ratio (cosine or linear) and is constant within an epoch, as
+    YOLO's per-epoch LambdaLR.
     """
 
     def __init__(self, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
@@ -79,6 +82,8 @@ class Schedule:
         lr = target * t
         bias_lr = self.cfg.warmup_bias_lr + (target - self.cfg.warmup_bias_lr) * t
         momentum = self.cfg.warmup_momentum + (self.cfg.momentum - self.cfg.warmup_momentum) * t
+        if self.cfg.momentum == 0:  # momentum-free SGD (or AdamW with beta1 0) stays momentum-free in warm-up
+            momentum = 0.0
         return [lr, lr, bias_lr], momentum
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:

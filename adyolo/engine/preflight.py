@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adyolo.engine.batching import BatchSplit
 from adyolo.engine.checkpoint import latest_folder, read_run
+from adyolo.engine.run_lock import check_not_in_use
 from adyolo.engine.universal import check_convertible, needs_conversion
 from adyolo.failures import InputError
 from adyolo.model.config import ModelConfig
@@ -18,9 +19,10 @@ RUN_OUTPUTS = ("checkpoints", "best.pt", "last.pt", "results.csv")
 STALE_OUTPUTS = (*RUN_OUTPUTS, "results.png", "pictures")  # removed by --exist-ok
 
 
-def check_output_dir(output_dir: str | Path, resume: str | None, exist_ok: bool) -> None:
-    """A folder that holds a run is continued (`--resume`) or restarted on purpose (`--exist-ok`),
-    never overwritten by accident."""
+def check_output_dir(output_dir: str | Path, resume: str | None, exist_ok: bool, force_unlock: bool = False) -> None:
+    """A folder that another live run writes is left to it (`adyolo.engine.run_lock`); one that holds a
+    run is continued (`--resume`) or restarted on purpose (`--exist-ok`), never overwritten by accident."""
+    check_not_in_use(output_dir, force_unlock)
     folder = Path(output_dir)
     found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
     if not found or resume or exist_ok:

@@ -12,6 +12,11 @@
   kind, from the run's own metric history, so a resumed run plots all of it), the run's description,
   and the summary printed in the terminal.
 
+None of these files is needed to resume: one that cannot be written (a disk that filled after the
+checkpoint) is warned about once and training goes on; the next checkpoint, which every rank agrees
+on, stops the run (exit 74) if the disk stays full. The table is rewritten whole each time, so the
+rows of a failed write are in the next one.
+
 The per-rank chart is an artifact rather than child runs per rank: one job stays one MLflow run (its
 params, tags and artifacts in one place), and the UI's charts already put `memory/<kind>/rank<r>` side
 by side in one section per kind.
@@ -19,9 +24,12 @@ by side in one section per kind.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -75,6 +83,7 @@ class RunReport:
         self._epoch_metrics: dict[str, float] = {}
         self._lr = math.nan
         self._plotted_at = -math.inf  # time.monotonic() of the last results.png
+        self._write_warned = False
         self.last_evaluated: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -103,13 +112,16 @@ class RunReport:
         if improved:
             self.tracker.log_metrics({"best/epoch": epoch, **{f"best/{k}": v for k, v in metrics.items()}}, step=epoch)
         folder = self.pictures(epoch)
-        folder.mkdir(parents=True, exist_ok=True)
-        plot_pr_curves(curves, folder / "pr_curve.png")
-        for path, dets, truth in sorted(predictions, key=lambda p: p[0])[: self.num_images]:
-            image = cv2.imread(path)
-            if image is not None:
-                shown = dets[dets[:, DetectionRow.SCORE] > PICTURE_MIN_SCORE]
-                cv2.imwrite(str(folder / f"val_{Path(path).stem}.jpg"), draw_validation(image, shown, truth))
+        with self._written(f"the pictures of epoch {epoch}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            plot_pr_curves(curves, folder / "pr_curve.png")
+            for path, dets, truth in sorted(predictions, key=lambda p: p[0])[: self.num_images]:
+                image = cv2.imread(path)
+                if image is not None:
+                    shown = dets[dets[:, DetectionRow.SCORE] > PICTURE_MIN_SCORE]
+                    picture = folder / f"val_{Path(path).stem}.jpg"
+                    if not cv2.imwrite(str(picture), draw_validation(image, shown, truth)):
+                        raise OSError(f"OpenCV could not write {picture}")
         self.tracker.log_artifacts(folder, f"evaluations/{folder.name}")
 
     def pictures(self, epoch: int) -> Path:
@@ -128,16 +140,35 @@ class RunReport:
         row.update({k: rounded(self._epoch_metrics[k]) if k in self._epoch_metrics else math.nan for k in METRIC_ORDER})
         row["peak_memory_gib"] = rounded(peak_memory_gib)
         self.rows = [r for r in self.rows if r["epoch"] != epoch] + [row]  # a resumed epoch replaces its row
-        write_results(self.results_path, self.rows)
-        self.tracker.log_artifact(self.results_path)
+        with self._written(self.results_path.name):
+            write_results(self.results_path, self.rows)
+            self.tracker.log_artifact(self.results_path)
         if self._epoch_metrics or time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
-            plot_results(self.rows, self.output_dir / "results.png")
-            self.tracker.log_artifact(self.output_dir / "results.png")
+            with self._written("results.png"):
+                plot_results(self.rows, self.output_dir / "results.png")
+                self.tracker.log_artifact(self.output_dir / "results.png")
             self._plotted_at = time.monotonic()
         self._epoch_losses, self._epoch_steps, self._epoch_images_per_s, self._epoch_metrics = {}, 0, [], {}
 
     def elapsed_s(self) -> float:
         return self._time_before + time.monotonic() - self._start
+
+    @contextlib.contextmanager
+    def _written(self, what: str):
+        """Files of the report are not needed to resume: one that cannot be written costs itself, with a
+        warning the first time."""
+        try:
+            yield
+        except OSError as err:
+            if not self._write_warned:
+                self._write_warned = True
+                free = shutil.disk_usage(self.output_dir).free if self.output_dir.exists() else 0
+                print(
+                    f"warning: could not write {what} in {self.output_dir} ({err.strerror or err}; {free / 2**20:.0f} "
+                    "MiB free); training goes on, and stops at the next checkpoint if the disk stays full",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     # ------------------------------------------------------------------------------------------
     def finish(
@@ -194,8 +225,8 @@ class RunReport:
         series = {k: v for k, v in series.items() if any(v.values())}
         if not series:
             return {}
-        path = plot_memory_by_rank(series, self.output_dir / "memory_by_rank.png")
-        self.tracker.log_artifact(path)
+        with self._written("memory_by_rank.png"):
+            self.tracker.log_artifact(plot_memory_by_rank(series, self.output_dir / "memory_by_rank.png"))
         headline = series.get(headline_kind(self.device_type), {})
         return {rank: max(v for _, v in points) for rank, points in headline.items() if points}
 
@@ -211,11 +242,15 @@ def write_results(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
     """The table through a temporary file and a rename: a kill never leaves half a CSV."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as file:
-        writer = csv.DictWriter(file, columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    try:
+        with tmp.open("w", newline="") as file:
+            writer = csv.DictWriter(file, columns, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    except OSError:
+        tmp.unlink(missing_ok=True)  # the table before stays as it was
+        raise
     os.replace(tmp, path)
 
 

@@ -9,8 +9,10 @@ metrics (results table, pictures, summary) is `RunReport`'s.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,9 @@ from adyolo.progress import Progress
 from adyolo.tracking import Tracker
 from adyolo.weights import save_weights
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what Slurm sends before preemption / time limit
+# What Slurm sends before preemption / time limit, and Ctrl-C: finish the step, save, stop (exit 75).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FORCE_STOP_S = 5.0  # a second Ctrl-C within this many seconds stops at once, without saving
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Trainer:
         self.record = record
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self._stop_signal = 0
+        self._interrupted_at = -math.inf  # time.monotonic() of the last Ctrl-C
         self._nonfinite_from_step = 0  # the step after which the current streak of non-finite losses began
         self._bad_images: set[int] = set()  # unreadable images met on this rank since the last log
         self._epoch_peak_gib = 0.0  # the fullest rank's peak memory in this epoch (0: not measured yet)
@@ -88,11 +93,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to the end (or an early stop / signal), then end the accelerator's process group and
-        trackers. Returns the process exit code. SIGTERM and SIGUSR1 are handled while it runs (and
-        given back their previous handlers after)."""
+        trackers. Returns the process exit code. SIGTERM, SIGUSR1 and SIGINT are handled while it runs
+        (and given back their previous handlers after); a second Ctrl-C in quick succession raises
+        KeyboardInterrupt, with the MLflow run marked KILLED."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             code = self._fit()
+        except KeyboardInterrupt:
+            self.parts.tracker.finish("KILLED")
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -367,6 +376,18 @@ class Trainer:
         )
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now, first = time.monotonic(), self._interrupted_at
+            self._interrupted_at = now
+            if now - first < FORCE_STOP_S:
+                raise KeyboardInterrupt
+            if self.acc.is_main_process:
+                print(
+                    f"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again within {FORCE_STOP_S:.0f} s "
+                    "stops at once, without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._stop_signal = signum
 
     def _any_rank_signalled(self) -> bool:

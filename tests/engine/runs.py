@@ -4,8 +4,10 @@ read what they left behind."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -14,6 +16,8 @@ ROOT = Path(__file__).parents[2]
 TRAIN = ROOT / "launch" / "train.py"
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+LAUNCH = ROOT / "launch" / "launch.py"
+LIBRARY_NOISE = ("Traceback", "ChildFailedError", "torch.distributed.elastic")
 
 # Augmentation off and AdamW: the loss of a tiny run then falls within a few steps.
 LEARNABLE = [
@@ -74,8 +78,59 @@ def train_command(
     ]
 
 
-def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(), cwd=ROOT)
+def run(command: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run `command` to its end in the tests' environment (plus `env`)."""
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**environment(), **env}, cwd=ROOT
+    )
+
+
+def start(command: list[str], **env: str) -> subprocess.Popen:
+    """Start `command` in a session of its own (so it can be signalled alone), stdout and stderr piped."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**environment(), **env},
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
+    """Read `proc`'s stderr until `text` appears (progress bars redraw without newlines); returns what
+    was read. Fails if the process ends or `timeout` passes first."""
+    seen, deadline = b"", time.time() + timeout
+    while text.encode() not in seen:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
+        assert chunk or not ready, f"ended ({proc.poll()}) before {text!r}:\n{seen.decode()[-3000:]}"
+        assert time.time() < deadline, f"no {text!r} in {timeout} s:\n{seen.decode()[-3000:]}"
+        seen += chunk
+    return seen.decode()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a started process, once it has ended."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def wrapped(command: list[str]) -> list[str]:
+    """The same `accelerate launch` command through launch/launch.py."""
+    assert Path(command[0]) == ACCELERATE and command[1] == "launch"
+    return [sys.executable, str(LAUNCH), *command[2:]]
+
+
+def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    """Exactly one `error:` line, holding `text`, and no library traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], proc.stderr[-3000:]
+    assert not any(noise in proc.stderr for noise in LIBRARY_NOISE), proc.stderr[-3000:]
+
+
+def latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
 
 
 def mlflow_run(out: Path):

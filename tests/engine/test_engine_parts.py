@@ -16,7 +16,21 @@ from mlflow.tracking import MlflowClient
 
 from adyolo.engine.autobatch import largest_fitting
 from adyolo.engine.batching import BatchSplitError, GlobalBatchSampler, micro_batch_candidates, split_global_batch
-from adyolo.engine.checkpoint import LATEST, RUN_FILE, _free_name, _point_latest, _prune, resolve_resume
+from adyolo.engine.checkpoint import (
+    LATEST,
+    MANIFEST,
+    RUN_FILE,
+    Resumed,
+    _free_name,
+    _point_latest,
+    _prune,
+    choose_resume,
+    complete_checkpoints,
+    damage,
+    resolve_resume,
+    roll_back_latest,
+    write_manifest,
+)
 from adyolo.engine.config import LogConfig, OptimConfig, TrainConfig
 from adyolo.engine.ema import ModelEMA
 from adyolo.engine.memory import FIELDS, fullest_rank_gib, per_rank_metrics, snapshot
@@ -132,6 +146,22 @@ def test_schedule_warms_up_then_decays_per_epoch():
     assert Schedule(OptimConfig(warmup_epochs=1, warmup_min_steps=100), 10, 100).warmup_steps == 100
 
 
+def test_momentum_0_is_plain_sgd():
+    """torch refuses Nesterov without momentum; `optim.momentum=0` trains with plain SGD, warm-up included."""
+    model = build_model({"size": "n"})
+    cfg = OptimConfig(momentum=0.0, warmup_epochs=1, warmup_min_steps=0)
+    opt = build_optimizer(model, cfg, 40)
+    assert not opt.defaults["nesterov"] and opt.defaults["momentum"] == 0
+    schedule = Schedule(cfg, 10, 5)
+    assert [schedule.values(step)[1] for step in (0, 5, 10)] == [0.0, 0.0, 0.0]
+    schedule.apply(opt, 5)
+    before = [p.detach().clone() for p in model.parameters()]
+    sum(o.float().mean() for o in model(torch.rand(2, 3, 64, 64))).backward()
+    opt.step()
+    assert not any(opt.state[p] for p in model.parameters())  # no momentum buffer
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_schedule_writes_into_the_optimizer():
     model = build_model({"size": "n"})
     opt = build_optimizer(model, OptimConfig(warmup_epochs=1, warmup_min_steps=0), 40)
@@ -199,6 +229,97 @@ def test_latest_pointer_and_pruning(tmp_path):
         resolve_resume("latest", tmp_path / "elsewhere")
     # A second save at the latest step never writes into the folder `latest` points to.
     assert _free_name(root, 3) == "step-00000003-1" and _free_name(root, 5) == "step-00000005"
+
+
+def checkpoint(root, name: str, manifest: bool = True):
+    """A checkpoint folder as a save leaves it: files, `run.json`, the manifest."""
+    folder = root / name
+    (folder / "pytorch_model").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(3000))
+    (folder / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(os.urandom(2000))
+    (folder / RUN_FILE).write_text("{}")
+    if manifest:
+        write_manifest(folder)
+    return folder
+
+
+def test_a_damaged_checkpoint_is_found_before_it_is_loaded(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    older, newer = checkpoint(root, "step-00000004"), checkpoint(root, "step-00000008")
+    _point_latest(root, newer.name)
+    assert choose_resume("latest", tmp_path) == Resumed(newer) and damage(newer) is None
+    # A converted copy written into the folder later is not the manifest's business.
+    (newer / "universal").mkdir()
+    (newer / "universal" / "mp_rank_00_model_states.pt").write_bytes(b"converted")
+    assert damage(newer) is None
+    # One flipped bit.
+    path = newer / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[1234] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert damage(newer) == "model.safetensors: its content differs from when it was written (CRC-32)"
+    # --resume (latest): the newest intact checkpoint, with a warning and MLflow tags.
+    resumed = choose_resume("latest", tmp_path)
+    assert resumed.folder == older and resumed.damaged == newer
+    assert resumed.tags == {"resume.damaged": f"step-00000008 ({damage(newer)})", "resume.fallback": "step-00000004"}
+    assert "(checkpoints/latest) is damaged: model.safetensors" in capsys.readouterr().err
+    assert choose_resume("latest", tmp_path, main_process=False).folder == older and not capsys.readouterr().err
+    # --resume <folder>: exit 2, the file and the intact alternatives.
+    with pytest.raises(InputError, match=rf"damaged: model.safetensors: .*intact: {older} \(--resume <one of them>"):
+        choose_resume(str(newer), tmp_path)
+    # A truncated shard of another rank; a lost file; an unreadable manifest.
+    shard = older / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    assert damage(older) == "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt: 1500 bytes, 2000 when written"
+    with pytest.raises(InputError, match=r"step-00000008 \(checkpoints/latest\) is damaged.*no other checkpoint"):
+        choose_resume("latest", tmp_path)
+    with pytest.raises(InputError, match="no other checkpoint in .* is intact"):
+        choose_resume(str(older), tmp_path)
+    shard.unlink()
+    assert damage(older) == "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"
+    (older / MANIFEST).write_text('{"files": ')
+    assert damage(older) == "manifest.json: unreadable (JSONDecodeError)"
+    # `latest` naming a folder that is gone falls back like a damaged one.
+    fresh = checkpoint(root, "step-00000009")
+    _point_latest(root, "step-00000010")
+    assert choose_resume("latest", tmp_path).folder == fresh
+    # Once the run holds the folder, a damaged `latest` is set aside: pruning cannot keep it in place of an
+    # intact checkpoint, and the next --resume finds `latest` intact.
+    _point_latest(root, newer.name)
+    resumed = choose_resume("latest", tmp_path)
+    resumed.set_aside()
+    assert (root / "damaged-step-00000008").is_dir() and not newer.exists()
+    assert (root / LATEST).read_text().strip() == "step-00000009" and choose_resume("latest", tmp_path).damaged is None
+
+
+def test_pruning_keeps_complete_checkpoints_and_drops_saves_cut_short(tmp_path):
+    """A rank killed during a save leaves a folder without a manifest; the next save at that step gets
+    another name. Pruning must keep the complete ones, so that a damaged `latest` has one to fall back to."""
+    root = tmp_path / "checkpoints"
+    legacy = checkpoint(root, "step-00000002", manifest=False)  # from before manifests: complete
+    checkpoint(root, "step-00000006")
+    checkpoint(root, "step-00000008")
+    cut_short = checkpoint(root, "step-00000010", manifest=False)
+    assert complete_checkpoints(root) == [root / "step-00000008", root / "step-00000006", legacy]
+    checkpoint(root, _free_name(root, 10))
+    _point_latest(root, "step-00000010-1")
+    _prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008", "step-00000010-1"]
+    assert not cut_short.exists() and roll_back_latest(tmp_path, 10) == root / "step-00000008"
+
+
+def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
+    root = tmp_path / "checkpoints"
+    legacy = checkpoint(root, "step-00000004", manifest=False)
+    _point_latest(root, legacy.name)
+    assert damage(legacy) is None and choose_resume("latest", tmp_path) == Resumed(legacy)
+    assert choose_resume(str(legacy), tmp_path).folder == legacy
+    # It is not an intact alternative, though: without a manifest a folder may be a save cut short.
+    damaged = checkpoint(root, "step-00000008")
+    (damaged / "model.safetensors").write_bytes(b"")
+    _point_latest(root, damaged.name)
+    with pytest.raises(InputError, match="no other checkpoint"):
+        choose_resume("latest", tmp_path)
 
 
 def test_a_run_folder_is_not_overwritten_and_a_resume_must_fit(tmp_path):

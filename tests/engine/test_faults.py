@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,34 +23,28 @@ from adyolo.data.labels import write_label_file
 from adyolo.failures import RunFailure
 from adyolo.run import build_run
 
-from .runs import ACCELERATE, LEARNABLE, ROOT, TINY, TRAIN, environment, history, mlflow_run, run, train_command
+from .runs import (
+    ACCELERATE,
+    LEARNABLE,
+    ROOT,
+    TINY,
+    TRAIN,
+    environment,
+    history,
+    latest,
+    mlflow_run,
+    one_line_error,
+    run,
+    train_command,
+    wrapped,
+)
 
 pytestmark = pytest.mark.distributed
-
-LAUNCH = ROOT / "launch" / "launch.py"
-LIBRARY_NOISE = ("Traceback", "ChildFailedError", "torch.distributed.elastic")
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic") / "data"
-
-
-def wrapped(command: list[str]) -> list[str]:
-    """The same `accelerate launch` command through launch/launch.py."""
-    assert Path(command[0]) == ACCELERATE and command[1] == "launch"
-    return [sys.executable, str(LAUNCH), *command[2:]]
-
-
-def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
-    """Exactly one `error:` line, holding `text`, and no library traceback."""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and text in errors[0], proc.stderr[-3000:]
-    assert not any(noise in proc.stderr for noise in LIBRARY_NOISE), proc.stderr[-3000:]
-
-
-def latest(out: Path) -> str:
-    return (out / "checkpoints" / "latest").read_text().strip()
 
 
 def user_dataset(root: Path, images: int, faces_per_image: int = 1, labels: str = "labels") -> Path:

@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import mlflow
@@ -96,6 +97,45 @@ def test_results_table_has_a_row_per_epoch_and_a_resumed_epoch_replaces_its_row(
     summary = report(tmp_path).finish(1, 0.3, weights)
     assert "best  epoch   1: ap_easy 0.5000 ap_medium 0.4000 ap_hard 0.3000 map50 0.2000" in summary
     assert "last  epoch   1: ap_easy 0.5000" in summary and summary.startswith("trained in")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_disk_that_fills_after_the_checkpoint_costs_report_files_not_the_run(tmp_path, capsys):
+    """The report's files are written after the checkpoint (which every rank agrees on, exit 74 when the
+    disk is full): one that meets a full disk is warned about once, the run goes on. Each file here is
+    a link to /dev/full, where every write fails as on a full disk."""
+    image = tmp_path / "data" / "img0.jpg"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.full((100, 120, 3), 80, dtype=np.uint8))
+    run = report(tmp_path)
+    run.add_step({"box": 0.5, "total": 1.0}, lr=0.01, images_per_s=10.0)
+    run.epoch_end(1, step=1, peak_memory_gib=1.0)
+    table = (tmp_path / "results.csv").read_text()
+    full = [tmp_path / ".results.csv.tmp", tmp_path / "results.png", *(run.pictures(2) / n for n in FILES)]
+    run.pictures(2).mkdir(parents=True)
+    (tmp_path / "results.png").unlink()
+    for path in full:
+        path.symlink_to("/dev/full")
+    metrics = {"ap_easy": 0.5, "ap_medium": 0.4, "ap_hard": 0.3, "map50": 0.2}
+    run.add_step({"box": 0.4, "total": 0.9}, lr=0.01, images_per_s=10.0)
+    run.evaluation(2, metrics, True, [(str(image), DETECTIONS, TRUTH)], curves())
+    run.epoch_end(2, step=2, peak_memory_gib=1.0)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "could not write the pictures of epoch 2" in warnings[0], warnings
+    assert "No space left on device" in warnings[0] and "stops at the next checkpoint if the disk" in warnings[0]
+    assert (tmp_path / "results.csv").read_text() == table  # the table before, whole
+    assert not (tmp_path / ".results.csv.tmp").exists()  # no partial table left behind
+    for path in full:  # space freed
+        path.unlink(missing_ok=True)
+    run.add_step({"box": 0.3, "total": 0.8}, lr=0.01, images_per_s=10.0)
+    run.evaluation(3, metrics, False, [(str(image), DETECTIONS, TRUTH)], curves())
+    run.epoch_end(3, step=3, peak_memory_gib=1.0)
+    assert [r["epoch"] for r in read_results(tmp_path / "results.csv")] == [1, 2, 3]
+    assert read_results(tmp_path / "results.csv")[1]["ap_hard"] == 0.3  # epoch 2's row was kept for this write
+    assert (tmp_path / "results.png").stat().st_size > 0 and (run.pictures(3) / "val_img0.jpg").stat().st_size > 0
+
+
+FILES = ("pr_curve.png", "val_img0.jpg")
 
 
 def test_results_png_is_redrawn_after_evaluations_and_otherwise_at_most_every_minute(tmp_path):
