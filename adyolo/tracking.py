@@ -17,9 +17,9 @@ A tracking server (an http(s) URI) is asked whether it answers before a run star
 answering during the run costs its charts, never the run: the tracker warns once and stops talking to
 it (results.csv, results.png and the checkpoints go on in the run folder).
 
-MLflow is imported where a store is opened, not with this module: importing `adyolo.run` took 8.1 s
-without it and 12.1 s with it (2 busy cores, 2026-12-03), and only the main process of a run writes
-(nor need a run refused for bad input wait for it).
+MLflow is imported where a store is opened, not with this module: it is a third of the import time of
+`adyolo.run` (docs/measurements.md), and only the main process of a run writes (nor need a run refused
+for bad input wait for it).
 """
 
 from __future__ import annotations

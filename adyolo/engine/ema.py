@@ -68,7 +68,7 @@ class ModelEMA:
         with self.gather(params):
             # The tensors are read from their modules at every update (a move may replace them); only
             # where to find them is kept. Two `state_dict()` calls and a `parameters()` walk per update
-            # (about 10 ms on the size-n detector on a 2-core CPU) did the same lookups again each time.
+            # would do the same lookups again each time (a third of the update on a CPU).
             averaged, counters = [], []
             for (own, name), (live, live_name) in zip(self._own, slots, strict=True):
                 ema_value, value = own[name], live[live_name].detach()

@@ -3,10 +3,9 @@
 glibc's malloc gives freed memory back to the kernel (the top of a heap beyond `M_TRIM_THRESHOLD`,
 and every block it placed with mmap beyond the adaptive `M_MMAP_THRESHOLD`). A CPU training step frees
 its activations at its end and allocates them again in the next, so each step faulted the same pages in
-again, zeroed by the kernel: on the embedded default (size n, 256 px, batch 8, bf16, 2-core AMD EPYC VM)
-about 23,000 page faults and 53 ms of system time per step, 16 million faults and 82 s of system time
-over the run. With trimming off (up to 2 GiB of free heap) and blocks up to glibc's largest mmap
-threshold (32 MiB) kept in the heap, the same step faults 50-135 pages.
+again, zeroed by the kernel: tens of thousands of page faults a step on the embedded default. With
+trimming off (up to 2 GiB of free heap) and blocks up to glibc's largest mmap threshold (32 MiB) kept in
+the heap, the same step faults about a hundred pages (docs/measurements.md).
 
 The cost is that the process keeps its peak heap, which the step reaches again at once anyway. Other
 C libraries (musl) and other operating systems have no `mallopt`; there this does nothing.

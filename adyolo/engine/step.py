@@ -129,8 +129,8 @@ class TrainStep:
             raise ValueError("with an Accelerator, mixed precision is the Accelerator's (or DeepSpeed's) to apply")
         self.autocast_dtype = autocast_dtype
         self.phases = phases if phases is not None else PhaseTimes(enabled=False)
-        # Found once: Accelerate's `unwrap_model` and `parameters()` cost about 5 and 3 ms a step on
-        # the size-n detector on a 2-core CPU, and neither the wrapper nor the parameters change.
+        # Found once: Accelerate's `unwrap_model` and `parameters()` walk the whole module tree (milliseconds
+        # a step on a CPU), and neither the wrapper nor the parameters change.
         self.bare = self.acc.unwrap_model(model)
         self.params = list(model.parameters())
         self.device = accelerator.device if accelerator is not None else self.params[0].device

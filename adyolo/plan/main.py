@@ -39,7 +39,7 @@ class PlanRequest:
     precision: str = "bf16"
     device: str = "gpu"  # "cpu": a CPU process per rank, its private writable memory against the budget
     # CPU: a training process's private writable memory besides tensors (torch, DeepSpeed, accelerate,
-    # MLflow loaded; measured in a 2-process ZeRO-2 benchmark rank on the 2-core machine, 2026-12-02).
+    # MLflow loaded), as a 2-process ZeRO-2 benchmark rank holds it (docs/measurements.md).
     cpu_process_gib: float = 1.05
     gpu: GpuAssumptions = field(default_factory=GpuAssumptions)
     cache_dir: Path | None = None
