@@ -43,8 +43,12 @@ def test_two_process_bf16_run(launcher, stage, synthetic, tmp_path):
     assert {"rank0.host", "rank1.host"} <= set(mlrun.data.tags)
     losses = history(client, mlrun, "train/loss_total")
     assert len(losses) == 16 and all(math.isfinite(v) for v in losses.values())
-    steps = sorted(losses)
-    assert sum(losses[s] for s in steps[-4:]) < sum(losses[s] for s in steps[:4])
+    # The localisation terms fall from the first epoch to the last; in 16 steps objectness (most of the
+    # total) still moves with which images a batch holds more than with training.
+    for term in ("box", "landmark"):
+        series = history(client, mlrun, f"train/loss_{term}")
+        values = [series[s] for s in sorted(series)]
+        assert sum(values[-4:]) < sum(values[:4]), term
     # Per-rank memory: one series per rank per logged step, plus the max over ranks.
     for rank in (0, 1):
         series = history(client, mlrun, f"memory/peak_rss_gib/rank{rank}")
