@@ -51,7 +51,7 @@ def model_table(rows: list[dict], cuda: bool) -> str:
             lines.append(f"| {name} | | {reason} | | {predicted} | | - | - | - | - | {'no' if 'oom' in r else '-'} |")
             continue
         per_rank = " / ".join(f"{x['peak_allocated_gib']:.2f}" for x in r["ranks"])
-        split = f"{r['micro_batch']} x {r['world_size']} x {r['accumulation']}"
+        split = f"{r.get('micro_batches', r['micro_batch'])} x {r['world_size']} x {r['accumulation']}"
         tflops = r["images_per_s"] * r["train_gflops_per_image"] / 1e3
         ratio = f"{r['peak_allocated_gib'] / r[key]:.2f}" if key in r else "-"
         lines.append(

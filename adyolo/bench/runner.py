@@ -40,7 +40,8 @@ def launch_command(row: dict, common: dict, row_dir: Path) -> list[str]:
         ds.update(
             train_micro_batch_size_per_gpu=split.micro_batch,
             gradient_accumulation_steps=split.accumulation,
-            train_batch_size=split.global_batch,
+            # DeepSpeed checks micro x accumulation x ranks; an uneven split's smaller shares train less.
+            train_batch_size=split.micro_batch * split.accumulation * split.world_size,
         )
         (row_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
         launcher = [

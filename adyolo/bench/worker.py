@@ -121,6 +121,10 @@ def train_steps(spec: dict, out: Path) -> dict | None:
     return {
         "world_size": split.world_size,
         "micro_batch": split.micro_batch,
+        # "3/2": an uneven split's largest and smallest micro-batch
+        "micro_batches": "/".join(
+            map(str, sorted({split.micro_batch, split.micro_sizes(split.world_size - 1)[-1]}, reverse=True))
+        ),
         "accumulation": split.accumulation,
         "precision_resolved": precision,
         "zero_stage": zero_stage,
