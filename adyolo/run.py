@@ -80,6 +80,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
     # The memory plan resolves `auto` settings (every rank alike) before the Accelerator fixes the split.
     cfg, plan = plan_run(cfg, settings, main_process=main_process)
     launch = resolve_launch(settings, cfg.train)
+    check_single_image_steps(cfg, launch)
     saved = (
         check_resume(resume_folder, to_dict(cfg), launch.split.world_size, launch.zero_stage) if resume_folder else None
     )
@@ -193,6 +194,19 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
         "zero_stage": launch.zero_stage,
     }
     return Trainer(parts, cfg.train, cfg.log, cfg.epochs, cfg.output_dir, record, launch.precision)
+
+
+def check_single_image_steps(cfg: RunConfig, launch: Launch) -> None:
+    """A micro-batch of one image trains only where the smallest map is larger than 1x1: train-mode
+    BatchNorm needs more than one value per channel (at 64 px High-GD's map of one image is 1x1)."""
+    smallest_map = -(-cfg.model.img_size // cfg.model.coarsest_stride)
+    if launch.split.smallest_micro_batch == 1 and smallest_map == 1:
+        raise InputError(
+            f"{launch.split} has micro-batches of one image, which cannot train at model.img_size="
+            f"{cfg.model.img_size}: the smallest map is 1x1 and BatchNorm needs two values per channel; use "
+            f"model.img_size >= {cfg.model.coarsest_stride + 32} or a split with at least two "
+            "images per micro-batch (train.global_batch, train.micro_batch or fewer processes)"
+        )
 
 
 def resolved(cfg: RunConfig, launch: Launch) -> RunConfig:

@@ -16,11 +16,8 @@ follows PYTORCH_CUDA_ALLOC_CONF as training will set it, CUDA context, NCCL); se
 and docs/memory-plan.md. Traces are cached (~/.cache/adyolo/plan), so a repeated plan takes seconds.
 Writes plan.md, plan.json and plan.png to --out (default runs/plan/<config name>).
 
-    python launch/plan.py --validate      # the plan against real CPU steps and 2-4 process runs
-
---validate measures real training steps on this CPU (every live tensor's bytes, per rank), and checks the
-GPU plan's CUDA autocast dtypes against CUDA's own on fake CUDA tensors, and prints predicted against
-measured; it takes some minutes.
+    python launch/plan.py --validate  # minutes: predicted vs real CPU steps (1-4 processes, every live
+                                      # tensor's bytes per rank) and CUDA autocast's dtypes on fake tensors
 """
 
 from __future__ import annotations

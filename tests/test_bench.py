@@ -42,7 +42,7 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
         cv2.imwrite(str(images / f"{i}.jpg"), np.full((48, 64, 3), 30 * i, np.uint8))
     out = tmp_path / "out"
     proc = _bench(
-        *("--size", "n", "--img", "64", "--global-batch", "3", "--gpus", "2"),
+        *("--size", "n", "--img", "64", "--global-batch", "5", "--gpus", "2"),
         *("--fusion", "efficient", "--attention", "sdpa", "--checkpoint", "off", "--zero", "0,2"),
         *("--warmup", "1", "--steps", "2", "--out", str(out), "--profile"),
         *("--loader", "--workers", "0", "--loader-batches", "2", "--data", str(images)),
@@ -51,12 +51,13 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     saved = json.loads((out / "bench.json").read_text())
     rows = saved["rows"]
     # Two rows, each in two fresh processes: DDP and ZeRO-2 (the grid's order and the variants' rows
-    # are checked without processes in the tests below), 3 images over 2 ranks (2 + 1).
-    assert [label(r) for r in rows] == ["efficient fp32 ckpt=off ddp b3", "efficient fp32 ckpt=off z2 b3"]
+    # are checked without processes in the tests below), 5 images over 2 ranks (3 + 2; at 64 px one image
+    # alone cannot train: its smallest map is 1x1).
+    assert [label(r) for r in rows] == ["efficient fp32 ckpt=off ddp b5", "efficient fp32 ckpt=off z2 b5"]
     for r in rows:
         assert "error" not in r, r
         assert r["zero_stage"] == (2 if r["zero"] == "2" else 0)
-        assert (r["world_size"], r["micro_batches"], r["accumulation"]) == (2, "2/1", 1)
+        assert (r["world_size"], r["micro_batches"], r["accumulation"]) == (2, "3/2", 1)
         assert len(r["ranks"]) == 2 and all(rank["peak_allocated_gib"] > 0.1 for rank in r["ranks"])
         assert r["images_per_s"] > 0 and r["ms_per_step"] > 0
         # Every rank's own step time (the row's is the slowest rank's) and its time in gloo collectives,
@@ -74,9 +75,9 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert main_table.count("| efficient fp32") == 2
     per_flop = report.split("Speed per FLOP:")[1].split("Time per rank")[0]
     assert per_flop.count("| efficient fp32") == 2 and "| 1.00x |" in per_flop
-    assert "| 2/1 x 2 x 1 |" in report and "1.00x" in report
+    assert "| 3/2 x 2 x 1 |" in report and "1.00x" in report
     per_rank = report.split("Time per rank")[1].split("Targets:")[0]
-    assert per_rank.count("| efficient fp32 ckpt=off z2 b3 |") == 2  # one line per rank
+    assert per_rank.count("| efficient fp32 ckpt=off z2 b5 |") == 2  # one line per rank
     assert "loader keeps up" in report and "| loader workers | images in RAM (data.cache) | images/s |" in report
     assert (out / "bench.png").stat().st_size > 10_000
 
@@ -84,9 +85,9 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = run.data.metrics
     # MLflow holds 6 significant digits.
-    assert metrics["efficient fp32 ckpt-off z2 b3/images_per_s"] == pytest.approx(rows[1]["images_per_s"], rel=1e-5)
-    assert metrics["efficient fp32 ckpt-off ddp b3/rank1/peak_allocated_gib"] > 0.1
-    assert metrics["efficient fp32 ckpt-off ddp b3/rank1/comm_ms_per_step"] > 0
+    assert metrics["efficient fp32 ckpt-off z2 b5/images_per_s"] == pytest.approx(rows[1]["images_per_s"], rel=1e-5)
+    assert metrics["efficient fp32 ckpt-off ddp b5/rank1/peak_allocated_gib"] > 0.1
+    assert metrics["efficient fp32 ckpt-off ddp b5/rank1/comm_ms_per_step"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bench.md", "bench.json", "bench.png"} <= artifacts
 

@@ -59,6 +59,11 @@ class BatchSplit:
         return math.ceil(self.rank_images(0) / self.accumulation)
 
     @property
+    def smallest_micro_batch(self) -> int:
+        """The smallest micro-batch of any rank (the last rank's last one)."""
+        return self.micro_sizes(self.world_size - 1)[-1]
+
+    @property
     def even(self) -> bool:
         """Whether every micro-batch of every rank has the same size."""
         return self.global_batch % (self.world_size * self.accumulation) == 0

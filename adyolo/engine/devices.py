@@ -53,9 +53,12 @@ class LaunchEnvironment:
 
 
 def gpus_expected(env: dict[str, str]) -> str | None:
-    """Why this node should have GPUs, or None. `CUDA_VISIBLE_DEVICES=""` (or -1) means the CPU on purpose."""
+    """Why this node should have GPUs, or None. `CUDA_VISIBLE_DEVICES=""` (or -1) means the CPU on purpose,
+    as does `DS_ACCELERATOR=cpu` (DeepSpeed's launcher sets CUDA_VISIBLE_DEVICES=0,1,... whatever the device)."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
+        return None
+    if env.get("DS_ACCELERATOR", "").strip() == "cpu":
         return None
     for key in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
         value = env.get(key, "").strip()

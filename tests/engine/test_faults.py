@@ -225,7 +225,7 @@ def test_sigterm_during_validation_saves_and_resume_evaluates(tmp_path):
         command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment(), cwd=ROOT
     )
     buffered = ""
-    while "validate:" not in buffered:
+    while "epoch 1/1:" not in buffered:  # the epoch's line (in a file, printed as it ends): validation starts
         buffered += proc.stderr.read(1)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)

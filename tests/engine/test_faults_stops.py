@@ -31,7 +31,8 @@ def synthetic(tmp_path_factory):
 
 def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(synthetic, tmp_path):
     out = tmp_path / "run"
-    command = train_command(out, synthetic, "epochs=100")
+    # A progress line at every step: the lines below come during training, not at an epoch's end.
+    command = train_command(out, synthetic, "epochs=100", "log.progress_interval_s=0.001")
     proc = start(command)
     wait_for(proc, "epoch 2/")
     proc.send_signal(signal.SIGINT)  # what the terminal sends every process of the job on Ctrl-C
@@ -49,7 +50,9 @@ def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(synthetic, tmp_path):
     proc = start(command + ["--resume"])
     wait_for(proc, "img/s")  # a step of the resumed run is done
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # a key pressed twice; signals sent closer together may arrive as one
+    # The key pressed again once the first press was seen (signals sent closer together may arrive as
+    # one), while the step it waits for still runs.
+    wait_for(proc, "Ctrl-C: stopping after this step")
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
     code, stdout, stderr = finish(proc)

@@ -67,6 +67,7 @@ class FakeGPU:
         ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "CUDA_VISIBLE_DEVICES=0,1,2,3"),
         ({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "8"}, None),  # the CPU asked for on purpose
         ({"SLURM_GPUS_ON_NODE": "0"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "0,1", "DS_ACCELERATOR": "cpu"}, None),  # `deepspeed --num_gpus 2` on a CPU
     ],
 )
 def test_what_says_a_node_has_gpus(monkeypatch, variables, expected):
