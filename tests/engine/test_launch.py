@@ -33,6 +33,7 @@ from adyolo.engine.config import TrainConfig
 from adyolo.engine.devices import LaunchEnvironment, check_device, gpus_expected
 from adyolo.failures import InputError
 from adyolo.launcher import with_process_count
+from adyolo.model import build_model
 from adyolo.schema import ConfigError
 
 from .runs import ROOT, TRAIN, environment
@@ -306,3 +307,23 @@ def test_the_start_line_run_name_and_params_say_an_uneven_split():
     split = "global batch 40 = 8 ranks x 3 + 8 ranks x 2 images (micro-batch 3 / 2, 1 accumulation step)"
     assert launch.params()["batch_split"] == split
     assert launch.text() == f"{split}; bf16 autocast (the DeepSpeed JSON); DeepSpeed ZeRO-2 over 16 processes (cuda)"
+
+
+@pytest.mark.parametrize(("img_size", "refused"), [(64, True), (96, False), (640, False)])
+def test_a_micro_batch_of_one_image_is_refused_where_the_smallest_map_is_1x1(img_size, refused):
+    """40 images over 32 ranks leave 24 ranks one image each: trainable at 96 px and up; at 64 px High-GD's
+    map of one image is 1x1, where train-mode BatchNorm fails (found before anything starts)."""
+    from adyolo.run import check_single_image_steps
+
+    cfg = load_run_config(ROOT / "launch" / "configs" / "widerface_s.yaml", [f"model.img_size={img_size}"])
+    settings = LaunchSettings(32, 8, read_deepspeed_config(DS / "zero2.json"), "bf16", "cuda")
+    launch = resolve_launch(settings, cfg.train)
+    assert launch.split.smallest_micro_batch == 1
+    if not refused:
+        check_single_image_steps(cfg, launch)
+        return
+    with pytest.raises(InputError, match=r"micro-batches of one image, .* use model.img_size >= 96"):
+        check_single_image_steps(cfg, launch)
+    model = build_model(cfg.model).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.zeros(1, 3, img_size, img_size))
