@@ -25,10 +25,10 @@ counterpart. `anchors` and `anchor_grid` (model.23) are not weights: adyolo deri
 
 YOLOv5-Face's `.pt` files are `torch.save({"model": <models.yolo.Model>, ...})`: a pickled module whose
 classes live in that repository. `read_yolov5face_checkpoint` reads one with torch's weights-only
-unpickler, which builds nothing but tensors and plain containers unless a class is allowed by name:
-here torch's own layer classes (`torch.nn.modules.*`, whose unpickling only sets attributes) and, for
-the repository's classes (`models.*`, `utils.*`), empty stand-in modules that receive the pickled
-attributes and run none of that code. Any other class in the file refuses the whole file.
+unpickler, which builds nothing but tensors and plain containers unless a global is allowed by name:
+here torch's own layer classes (`torch.nn.modules.*`, whose unpickling only sets attributes), NumPy's
+array reconstruction and, for the repository's classes (`models.*`, `utils.*`), empty stand-in modules
+that receive the pickled attributes and run none of that code. Any other global refuses the whole file.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ DETECT_LAYER = 23
 ANCHOR_BUFFERS = ("anchors", "anchor_grid")
 # Module prefixes of YOLOv5-Face's own code in its pickles: replaced by stand-ins, never imported.
 REPOSITORY_MODULES = ("models.", "utils.")
+# NumPy's array and scalar reconstruction (a checkpoint's `best_fitness` is an array): they build an array
+# from its shape, dtype and bytes and nothing else. Module name (NumPy 1 or 2) -> attribute.
+NUMPY_GLOBALS = {
+    "numpy.core.multiarray._reconstruct": ("numpy.core.multiarray", "_reconstruct"),
+    "numpy._core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
+    "numpy.core.multiarray.scalar": ("numpy.core.multiarray", "scalar"),
+    "numpy._core.multiarray.scalar": ("numpy._core.multiarray", "scalar"),
+    "numpy.ndarray": ("numpy", "ndarray"),
+    "numpy.dtype": ("numpy", "dtype"),
+}
 _NAME = re.compile(r"model\.(\d+)\.(.+)")
 
 
@@ -131,6 +141,10 @@ def read_yolov5face_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             refused.append(name)
         else:
             allowed.append((stand_in, name))
+    if any(name in NUMPY_GLOBALS for name in unsafe):
+        # An array's dtype is built by calling numpy.dtype, which returns an instance of its own class
+        # (numpy.dtypes.Float64DType, ...): those classes must be allowed too, though no name in the file says so.
+        allowed += [cls for cls in vars(importlib.import_module("numpy.dtypes")).values() if isinstance(cls, type)]
     if refused:
         raise YOLOv5FaceError(
             f"{path}: refusing to unpickle {', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}: "
@@ -139,7 +153,7 @@ def read_yolov5face_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         )
     with torch.serialization.safe_globals(allowed):
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = payload.get("ema") or payload.get("model") if isinstance(payload, dict) else None
+    model = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(model, nn.Module):
         found = sorted(map(str, payload))[:5] if isinstance(payload, dict) else type(payload).__name__
         raise YOLOv5FaceError(f"{path}: no pickled model under 'model' (found {found})")
@@ -148,10 +162,16 @@ def read_yolov5face_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _allowed_global(name: str):
     """What a global named in the pickle may become: a stand-in for YOLOv5-Face's classes, the class
-    itself for torch's layer classes, else None (refused)."""
+    itself for torch's layer classes, NumPy's array reconstruction, else None (refused)."""
     if name.startswith(REPOSITORY_MODULES):
         return type(name.rsplit(".", 1)[-1], (StandIn,), {"__module__": __name__})
     module_name, _, attribute = name.rpartition(".")
+    if name in NUMPY_GLOBALS or module_name == "numpy.dtypes":  # numpy.dtypes.Float64DType and its kin
+        module_name, attribute = NUMPY_GLOBALS.get(name, (module_name, attribute))
+        try:
+            return getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError):
+            return None
     if module_name.startswith("torch.nn.modules."):
         candidate = getattr(importlib.import_module(module_name), attribute, None)
         if isinstance(candidate, type) and issubclass(candidate, nn.Module):
