@@ -62,6 +62,8 @@ class SyntheticConfig:
                 raise ConfigError(key, f"{getattr(self, key)} must be at least 1")
         if self.image_size < 64:
             raise ConfigError("image_size", f"{self.image_size} is too small; use 64 or more")
+        if self.preset != "default":
+            return  # the hard preset chooses its own face counts and sizes
         if not 1 <= self.min_faces <= self.max_faces:
             raise ConfigError("max_faces", f"need 1 <= min_faces ({self.min_faces}) <= max_faces ({self.max_faces})")
         if not 2 <= self.min_face <= self.max_face <= self.image_size / 2:
