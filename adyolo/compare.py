@@ -6,8 +6,9 @@ stays the same), each run a `launch/train.py` process of its own in `<out>/<netw
 `transfer`, a GD network then trains once more from the baseline's `best.pt` of the first seed
 (`train.init_weights`: its backbone), so its per-epoch AP can be read against its run from scratch.
 
-Finished runs are kept: run again, the command trains only what is missing (an interrupted run is
-resumed) and always rewrites the report from the runs' `best.pt` and `results.csv`:
+Finished runs are kept (each gets `compare_done.json`, the command it ran): run again, the command trains
+only what is missing (an interrupted run is resumed) and always rewrites the report from the runs' `best.pt`
+and `results.csv`:
 
 * accuracy: `best.pt` of each run evaluated on the config's validation split, WIDER-style AP easy /
   medium / hard by face size, AP on the smallest faces (`ap_tiny`) and, where the data has attribute
@@ -50,6 +51,7 @@ BASELINE = "yolov5face"
 ACCURACY = ("ap_easy", "ap_medium", "ap_hard", "ap_tiny")
 EVAL_CONF = 0.02  # training validation's threshold: AP sees the whole precision-recall curve
 INFERENCE_BATCH, INFERENCE_STEPS, INFERENCE_WARMUP = 8, 10, 2
+DONE_FILE = "compare_done.json"  # written into a run's folder when its training process ended well
 
 
 @dataclass
@@ -113,7 +115,8 @@ def run_name(network: str, seed: int, init: Path | None = None) -> str:
 def train(config: str, out: Path, network: str, seed: int, init: Path | None, overrides: list[str]) -> None:
     """One training run in its own process, unless it finished before; an interrupted one is resumed."""
     folder = out / run_name(network, seed, init)
-    if (folder / "last.pt").is_file():
+    done = folder / DONE_FILE
+    if done.is_file():
         return
     command = [sys.executable, str(Path(__file__).parents[1] / "launch" / "train.py"), "--config", config]
     command += [*overrides, *NETWORKS[network], f"train.seed={seed}", f"output_dir={folder}"]
@@ -124,6 +127,7 @@ def train(config: str, out: Path, network: str, seed: int, init: Path | None, ov
     code = subprocess.call(command)
     if code != 0:
         raise RuntimeError(f"training {folder} failed with exit code {code}; rerun the command to resume it")
+    done.write_text(json.dumps({"command": command}, indent=2))
 
 
 def evaluate_run(config: str, out: Path, network: str, seed: int, init: Path | None, overrides: list[str]) -> RunResult:
