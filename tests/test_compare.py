@@ -70,8 +70,7 @@ def test_finished_runs_are_kept_and_a_resumed_run_ignores_init_weights(compariso
     folder = out / "efficient-seed0-from-yolov5face"
     missing = tmp_path / "gone.pt"
     resumed = run(
-        train_command(folder, out / "data", *overrides[1:], "epochs=2", f"train.init_weights={missing}")
-        + ["--resume"]
+        train_command(folder, out / "data", *overrides[1:], "epochs=2", f"train.init_weights={missing}") + ["--resume"]
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "init_weights " not in resumed.stdout and "resumed from" in resumed.stdout
@@ -88,7 +87,8 @@ def test_bad_arguments_stop_before_anything_trains(tmp_path):
 def result(network: str, seed: int, hard: float, curve=(), init=None) -> RunResult:
     metrics = {"ap_easy": 0.5, "ap_medium": 0.4, "ap_hard": hard, "ap_tiny": hard / 2, "map50": 0.3, "ap_occluded": 0.1}
     faces = {"easy": 1, "medium": 2, "hard": 3, "tiny": 1, "occluded": 1}
-    return RunResult(network, seed, f"runs/{network}-{seed}", init, metrics, faces, 2, list(curve), 1000, 1.5, 2.0, 1.0, 60)
+    folder = f"runs/{network}-{seed}"
+    return RunResult(network, seed, folder, init, metrics, faces, 2, list(curve), 1000, 1.5, 2.0, 1.0, 60)
 
 
 def test_the_report_reads_means_spreads_and_the_transfer_epoch():
