@@ -173,7 +173,10 @@ def _allowed_global(name: str):
         except (ImportError, AttributeError):
             return None
     if module_name.startswith("torch.nn.modules."):
-        candidate = getattr(importlib.import_module(module_name), attribute, None)
+        try:
+            candidate = getattr(importlib.import_module(module_name), attribute, None)
+        except ImportError:
+            return None
         if isinstance(candidate, type) and issubclass(candidate, nn.Module):
             return candidate
     return None

@@ -1,5 +1,5 @@
-"""`train.init_weights`: adyolo weights into the same or another model, the load report, bad files, and the
-option in a real training run (printed, in MLflow, ignored on resume)."""
+"""`train.init_weights`: adyolo weights into the same or another model, the load report, bad files, and a
+bad file stopping a training run before any work."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from adyolo.failures import InputError
 from adyolo.init_weights import apply_init_weights, read_init_weights
@@ -102,27 +101,7 @@ def test_files_that_are_not_weights_are_one_line_errors(tmp_path, content, expec
 
 
 # ---------------------------------------------------------------------------------------------------
-# In a training run
-
-
-def test_a_run_starts_from_the_file_reports_it_and_ignores_it_on_resume(tmp_path):
-    saved(tmp_path / "start.pt", TINY_PAN, seed=1)
-    out, data = tmp_path / "run", tmp_path / "data"
-    first = run(train_command(out, data, "epochs=1", f"train.init_weights={tmp_path / 'start.pt'}"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    report_line = next(line for line in first.stdout.splitlines() if line.startswith("init_weights "))
-    assert "(adyolo weights): loaded " in report_line and report_line.endswith("(backbone 222)")
-    assert "left random: " in first.stdout and "the file's head has no stride-4 level" in first.stdout
-
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    (mlrun,) = client.search_runs([client.get_experiment_by_name("adyolo").experiment_id])
-    assert mlrun.data.params["init.loaded_tensors"] == "222" and mlrun.data.params["init.kind"] == "adyolo weights"
-
-    # Resumed, the checkpoint's weights count: the file is not read, even when it is gone.
-    (tmp_path / "start.pt").unlink()
-    resumed = run(train_command(out, data, "epochs=2", f"train.init_weights={tmp_path / 'start.pt'}") + ["--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "init_weights " not in resumed.stdout and "resumed from" in resumed.stdout
+# In a training run (a run started from a file, and one resumed, are in tests/test_compare.py)
 
 
 def test_a_missing_file_stops_the_run_before_any_work(tmp_path):
