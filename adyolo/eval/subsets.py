@@ -6,8 +6,10 @@ in the ground truth, only the faces of the subset count, and a detection of a fa
 a hit nor a false positive. So `ap_occluded` answers "how well are the occluded faces found", with the
 other faces' detections not held against it.
 
-The ground truth is read from the label files (and the image's size) rather than taken from the loader's
-targets, so faces the letterbox shrank below the loader's minimum still count, as misses.
+The faces are the evaluation records' own ground truth (the loader's, in the original image's pixels), in
+the order of the label file, which the attribute file follows line for line. Where the loader dropped a face
+(one the letterbox shrank below its minimum), the image's faces are read from its label file instead, so
+they still count, as misses.
 """
 
 from __future__ import annotations
@@ -37,21 +39,20 @@ ATTRIBUTE_SUBSETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def subset_ground_truth(image_paths: list[str]) -> tuple[dict[str, ImageGroundTruth], list[str]]:
-    """Per image its faces [N, 4] x y w h (pixels, from its label file) and a keep mask per subset
-    -> (image path -> ground truth, the subsets every image has). Attribute subsets are there only when
-    every image has an attribute file; one whose line count differs from its label file is an error."""
+def subset_ground_truth(
+    predictions: list[tuple[str, np.ndarray, np.ndarray]],
+) -> tuple[dict[str, ImageGroundTruth], list[str]]:
+    """Per image its faces [N, 4] x y w h (pixels) and a keep mask per subset -> (image path -> ground truth,
+    the subsets every image has). Attribute subsets are there only when every image has an attribute file;
+    one whose line count differs from its label file is an error."""
     truth = {}
-    with_attributes = all(attribute_path_for(p).is_file() for p in image_paths)
-    for path in image_paths:
+    with_attributes = all(attribute_path_for(path).is_file() for path, _, _ in predictions)
+    for path, _, gt in predictions:
         labels = read_label_file(label_path_for(path)).labels
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise ValueError(f"{path}: missing or not a readable image")
-        height, width = image.shape[:2]
-        size = labels[:, LabelRow.SIZE] * [width, height]
-        boxes = np.concatenate([labels[:, LabelRow.CENTRE] * [width, height] - size / 2, size], axis=1)
-        keep = {name: rule(size.min(axis=1)) for name, rule in SIZE_SUBSETS.items()}
+        boxes = np.asarray(gt, np.float64).reshape(-1, 4)
+        if len(boxes) != len(labels):
+            boxes = _label_boxes(path, labels)
+        keep = {name: rule(boxes[:, 2:].min(axis=1)) for name, rule in SIZE_SUBSETS.items()}
         if with_attributes:
             attributes = read_attribute_file(attribute_path_for(path))
             if len(attributes) != len(labels):
@@ -60,16 +61,26 @@ def subset_ground_truth(image_paths: list[str]) -> tuple[dict[str, ImageGroundTr
                     f"{label_path_for(path)}; an attribute file has one line per label line"
                 )
             keep.update({name: rule(attributes) for name, rule in ATTRIBUTE_SUBSETS.items()})
-        truth[path] = ImageGroundTruth(boxes.astype(np.float64), keep)
+        truth[path] = ImageGroundTruth(boxes, keep)
     names = list(SIZE_SUBSETS) + (list(ATTRIBUTE_SUBSETS) if with_attributes else [])
     return truth, names
+
+
+def _label_boxes(path: str, labels: np.ndarray) -> np.ndarray:
+    """[N, 4] x y w h pixels of a label file's faces, denormalised by the image's size."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path}: missing or not a readable image")
+    scale = np.array(image.shape[1::-1][:2], np.float64)  # width, height
+    size = labels[:, LabelRow.SIZE] * scale
+    return np.concatenate([labels[:, LabelRow.CENTRE] * scale - size / 2, size], axis=1)
 
 
 def score_subsets(predictions: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[dict[str, float], dict[str, int]]:
     """Gathered `adyolo.eval.evaluator.predict` records -> (subset -> AP as `ap_<subset>`, subset -> faces
     that count in it). A subset without faces has AP NaN."""
-    by_image = {path: dets for path, dets, _ in predictions}
-    truth, names = subset_ground_truth(list(by_image))
-    curves = widerface_evaluate({k: xywh_score(d) for k, d in by_image.items()}, truth, settings=names)
+    unique = list({path: (path, dets, gt) for path, dets, gt in predictions}.values())  # padding repeats once
+    truth, names = subset_ground_truth(unique)
+    curves = widerface_evaluate({path: xywh_score(dets) for path, dets, _ in unique}, truth, settings=names)
     faces = {name: int(sum(t.keep[name].sum() for t in truth.values())) for name in names}
     return {f"ap_{name}": float(curve.ap) for name, curve in curves.items()}, faces

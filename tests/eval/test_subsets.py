@@ -4,6 +4,7 @@ faces stay in the ground truth, and a detection of one of them neither hits nor 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -70,3 +71,15 @@ def test_an_attribute_file_out_of_step_with_its_labels_is_an_error(tmp_path):
     attribute_path_for(image).write_text("0 1 0 0\n")
     with pytest.raises(AttributeFileError, match=r"a\.txt:1: '0 1 0 0' is not 'blur occlusion"):
         score_subsets([(image, np.zeros((0, 16)), np.zeros((0, 4)))])
+
+
+def test_the_records_own_ground_truth_is_used_when_it_holds_every_face(tmp_path):
+    """The loader's faces (the evaluation record's) line up with the label file: no image is read. One it
+    dropped (too small once letterboxed) sends the image back to its label file, where the face still counts."""
+    image = write_image(tmp_path, "a")
+    gt = np.array([box for box, _ in FACES], np.float64)
+    Path(image).unlink()
+    metrics, _ = score_subsets([(image, np.stack([detection(FACES[1][0], 0.5)]), gt)])
+    assert metrics["ap_tiny"] == pytest.approx(1.0) and metrics["ap_blurred"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="missing or not a readable image"):
+        score_subsets([(image, np.zeros((0, 16)), gt[[0, 2]])])
