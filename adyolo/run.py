@@ -38,6 +38,7 @@ from adyolo.engine.setup import TrainingConfigs, prepare_training, seeded_model
 from adyolo.engine.trainer import Trainer, TrainerParts
 from adyolo.engine.universal import load_state
 from adyolo.failures import InputError
+from adyolo.init_weights import apply_init_weights, read_init_weights
 from adyolo.model.summary import summarize
 from adyolo.plan.auto import plan_run
 from adyolo.schema import to_dict
@@ -77,6 +78,9 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
             f"data.synthetic.num_train={cfg.data.synthetic.num_train} is fewer than train.global_batch="
             f"{cfg.train.global_batch}: an epoch would have no training step; raise one or lower the other"
         )
+    # A resumed run's checkpoint holds its weights; otherwise the file to start from is read here, before
+    # any costly work, so that a wrong one fails at once.
+    init = read_init_weights(cfg.train.init_weights) if cfg.train.init_weights and not resume_folder else None
     # The memory plan resolves `auto` settings (every rank alike) before the Accelerator fixes the split.
     cfg, plan = plan_run(cfg, settings, main_process=main_process)
     launch = resolve_launch(settings, cfg.train)
@@ -120,8 +124,11 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
 
     # Model, identical on every rank; then its wrapping, loss, optimizer, EMA and training step.
     model = seeded_model(cfg.model, cfg.train.seed)
+    init_report = apply_init_weights(model, init) if init is not None else None
     summary = summarize(model, cfg.model.img_size)
     accelerator.print(summary)
+    if init_report is not None:
+        accelerator.print(init_report.describe())
     configs = TrainingConfigs(cfg.model, cfg.loss, cfg.optim, cfg.train)
     prepared = prepare_training(
         model, configs, accelerator, launch, cfg.epochs, train_loader=train_loader, val_loader=val_loader, phases=phases
@@ -163,6 +170,7 @@ def build_run(cfg: RunConfig, resume: str | None = None, exist_ok: bool = False,
             **data_params(train_set, val_set),
             **(plan.params() if plan is not None else {}),
             **allocator.params(),
+            **(init_report.params() if init_report is not None else {}),
         }
     )
     slurm = {f"slurm.{k[6:].lower()}": os.environ[k] for k in SLURM_TAGS if k in os.environ}

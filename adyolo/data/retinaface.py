@@ -1,23 +1,15 @@
-"""WIDER FACE in the RetinaFace annotation layout -> the project's YOLO-face labels.
+"""WIDER FACE annotations -> the project's YOLO-face labels.
 
-The widely used RetinaFace annotations of WIDER FACE come as one `label.txt` per split:
-
-    SRC/train/label.txt   SRC/train/images/<event>/<name>.jpg
-    SRC/val/label.txt     SRC/val/images/<event>/<name>.jpg
-
-A line `# <event>/<name>.jpg` starts an image and the lines after it are its faces, one per line:
-`x y w h` (top-left corner and size, pixels), optionally followed by five landmark triplets
-`lx ly flag` (left eye, right eye, nose, left mouth corner, right mouth corner) and a trailing score,
-20 numbers in all. A missing landmark is `-1.0 -1.0 -1.0`. The val file usually has boxes only.
-
-`convert_split` writes `OUT/<split>/images/...` (symlinks or copies of the source images) and
-`OUT/<split>/labels/....txt` in the format of `adyolo.data.labels`, so the dataset finds them through
-`label_path_for`. The command-line front end is `launch/prepare_widerface.py`.
+WIDER FACE is annotated in three common formats (the official `wider_face_split/*_bbx_gt.txt`, the
+RetinaFace `label.txt`, insightface's SCRFD `labelv2.txt`), each with its own folder layout;
+`adyolo.data.widerface_formats` finds and reads them. `convert_split` writes `OUT/<split>/images/...`
+(symlinks or copies of the source images) and `OUT/<split>/labels/....txt` in the format of
+`adyolo.data.labels`, so the dataset finds them through `label_path_for`. The command-line front end is
+`launch/prepare_widerface.py`.
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import shutil
@@ -29,28 +21,27 @@ import cv2
 import numpy as np
 
 from adyolo.data.labels import MISSING, NUM_COLUMNS, label_path_for, write_label_file
-from adyolo.layout import NUM_LANDMARKS, LabelRow
+from adyolo.data.widerface_formats import (
+    FACE_COLUMNS,
+    FORMATS,
+    NUM_POINTS,
+    AnnotationError,
+    SplitAnnotations,
+    find_annotations,
+    layout_help,
+    parse_annotations,
+)
+from adyolo.layout import LabelRow
 
 LABEL_FILE_NAME = "label.txt"
 IMAGES_DIR_NAME = "images"
-NUM_POINTS = NUM_LANDMARKS
-BOX_ONLY_VALUES = 4  # x y w h
-FULL_VALUES = 20  # x y w h, 5 x (lx ly flag), score
-# Parsed face: x, y, w, h, then 5 x (lx, ly) in pixels; -1 for a missing landmark point.
-FACE_COLUMNS = 4 + 2 * NUM_POINTS
 FACE_CLASS = 0
 # Files of the `ground_truth/` folder of the WIDER FACE eval_tools archive, used by the official
 # evaluation protocol (easy / medium / hard subsets of the val split).
 GROUND_TRUTH_FILES = ("wider_face_val.mat", "wider_easy_val.mat", "wider_medium_val.mat", "wider_hard_val.mat")
 GROUND_TRUTH_DIR_NAME = "ground_truth"
-LAYOUT_HELP = (
-    "expected layout: SRC/<split>/label.txt and SRC/<split>/images/<event>/<name>.jpg "
-    "(the RetinaFace annotations of WIDER FACE)"
-)
-
-
-class RetinaFaceLabelError(ValueError):
-    """A RetinaFace `label.txt` line that cannot be read; the message names `file:line`."""
+# A line of an annotation file that cannot be read (the name the RetinaFace-only converter gave it).
+RetinaFaceLabelError = AnnotationError
 
 
 class UnreadableImageWarning(UserWarning):
@@ -66,6 +57,7 @@ class SplitSummary:
     images_without_faces: int = 0
     faces_written: int = 0
     faces_dropped: int = 0  # clipped to less than 1 px wide or high
+    faces_dropped_by_file: int = 0  # marked invalid (official) or ignored (SCRFD) in the annotations
     images_skipped: int = 0  # missing or unreadable image files
     skipped_paths: list[str] = field(default_factory=list)  # relative paths of the skipped images
 
@@ -76,6 +68,8 @@ class SplitSummary:
             f"{self.faces_written} faces written, {self.faces_dropped} faces dropped (less than 1 px "
             f"after clipping to the image), {self.images_skipped} images skipped (missing or unreadable)"
         )
+        if self.faces_dropped_by_file:
+            text += f", {self.faces_dropped_by_file} faces marked invalid or ignored in the annotations dropped"
         if self.skipped_paths:
             shown = ", ".join(self.skipped_paths[:5])
             more = f" and {len(self.skipped_paths) - 5} more" if len(self.skipped_paths) > 5 else ""
@@ -88,83 +82,11 @@ class SplitSummary:
 
 
 def parse_retinaface_labels(path: str | Path) -> list[tuple[str, np.ndarray]]:
-    """Read one RetinaFace `label.txt`.
-
-    Returns (relative image path, faces) per image in file order; faces is [N, 14] float64:
-    x, y, w, h, then 5 x (lx, ly) in pixels, with -1 for a missing landmark point (boxes-only lines
-    get all landmarks -1). Raises `RetinaFaceLabelError` naming `path:line` for a malformed file.
-    """
+    """Read one RetinaFace `label.txt`: (relative image path, faces [N, 14] float64: x, y, w, h, then
+    5 x (lx, ly) pixels, -1 for a missing point) per image in file order. Raises `AnnotationError`
+    naming `path:line` for a malformed file."""
     path = Path(path)
-    images: list[tuple[str, list[list[float]]]] = []
-    first_line_of: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("#"):
-            relative = _parse_image_line(text, path, number)
-            if relative in first_line_of:
-                raise _error(
-                    path,
-                    number,
-                    f"image {relative!r} is listed again (first at line {first_line_of[relative]})",
-                    "list each image once, with all its faces under one '#' line",
-                )
-            first_line_of[relative] = number
-            images.append((relative, []))
-            continue
-        if not images:
-            raise _error(
-                path,
-                number,
-                "a face line before any '# <event>/<name>.jpg' line",
-                "start the file with the '#' line of the image the faces belong to",
-            )
-        images[-1][1].append(_parse_face_line(text, path, number))
-    return [(relative, np.array(faces, np.float64).reshape(-1, FACE_COLUMNS)) for relative, faces in images]
-
-
-def _parse_image_line(text: str, path: Path, number: int) -> str:
-    relative = text[1:].strip()
-    fix = "write '# <event>/<name>.jpg', the image path relative to the split's images/ folder"
-    if not relative:
-        raise _error(path, number, "an image line without a path", fix)
-    parts = Path(relative).parts
-    # The path becomes part of the output path: keep it inside the output folder.
-    if Path(relative).is_absolute() or ".." in parts:
-        raise _error(path, number, f"image path {relative!r} is not inside the images/ folder", fix)
-    return relative
-
-
-def _parse_face_line(text: str, path: Path, number: int) -> list[float]:
-    fields = text.split()
-    fix = "fix or delete the line; missing landmarks are written '-1.0 -1.0 -1.0'"
-    if len(fields) not in (BOX_ONLY_VALUES, FULL_VALUES):
-        raise _error(
-            path,
-            number,
-            f"{len(fields)} values in a face line, expected {BOX_ONLY_VALUES} (x y w h) or {FULL_VALUES} "
-            f"(x y w h, 5 landmarks as 'x y flag', score)",
-            fix,
-        )
-    try:
-        values = [float(f) for f in fields]
-    except ValueError:
-        raise _error(path, number, f"not a number in {text!r}", fix) from None
-    if not all(math.isfinite(v) for v in values):
-        raise _error(path, number, f"non-finite value in {text!r}", fix)
-    box = values[:BOX_ONLY_VALUES]
-    if len(values) == BOX_ONLY_VALUES:
-        return box + [MISSING] * (2 * NUM_POINTS)
-    points = []
-    for i in range(NUM_POINTS):
-        x, y = values[BOX_ONLY_VALUES + 3 * i : BOX_ONLY_VALUES + 3 * i + 2]  # the flag is not needed
-        points += [MISSING, MISSING] if x < 0 or y < 0 else [x, y]
-    return box + points
-
-
-def _error(path: Path, number: int, problem: str, fix: str) -> RetinaFaceLabelError:
-    return RetinaFaceLabelError(f"{path}:{number}: {problem}; {fix}")
+    return parse_annotations(path, "retinaface", path.parent / IMAGES_DIR_NAME).images
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,19 +155,24 @@ def convert_split(
     out_split_dir: str | Path,
     copy: bool = False,
     workers: int | None = None,
+    annotations: SplitAnnotations | None = None,
 ) -> SplitSummary:
-    """Convert `src_split_dir` (label.txt + images/) into `out_split_dir` (images/ + labels/).
+    """Convert one split into `out_split_dir` (images/ + labels/): the given `annotations`, or else the
+    RetinaFace `src_split_dir/label.txt` with its images in `src_split_dir/images/`.
 
-    The whole label.txt is parsed before anything is written, so a malformed file leaves the output
+    The whole annotation file is parsed before anything is written, so a malformed file leaves the output
     untouched. Images are processed in sorted order; an image that cannot be read is skipped with an
     `UnreadableImageWarning` (and any output of an earlier run for it removed).
     """
     src_split_dir, out_split_dir = Path(src_split_dir), Path(out_split_dir)
-    entries = sorted(parse_retinaface_labels(src_split_dir / LABEL_FILE_NAME), key=lambda entry: entry[0])
-    source_images = [src_split_dir / IMAGES_DIR_NAME / relative for relative, _ in entries]
+    if annotations is None:
+        label_file = src_split_dir / LABEL_FILE_NAME
+        annotations = parse_annotations(label_file, "retinaface", src_split_dir / IMAGES_DIR_NAME)
+    entries = sorted(annotations.images, key=lambda entry: entry[0])
+    source_images = [annotations.images_dir / relative for relative, _ in entries]
     sizes = read_image_sizes(source_images, default_workers() if workers is None else workers)
 
-    summary = SplitSummary(split=src_split_dir.name)
+    summary = SplitSummary(split=src_split_dir.name, faces_dropped_by_file=annotations.faces_dropped_by_file)
     for (relative, faces), source_image, size in zip(entries, source_images, sizes, strict=True):
         out_image = out_split_dir / IMAGES_DIR_NAME / relative
         out_label = label_path_for(out_image)
@@ -311,17 +238,21 @@ def copy_ground_truth(gt_dir: str | Path, out_val_dir: str | Path) -> list[Path]
 # The whole conversion (launch/prepare_widerface.py)
 
 
-def check_conversion(src: Path, out: Path, splits: list[str], workers: int, gt_dir: Path | None) -> None:
-    """Every check that needs no conversion work, so a mistake fails at once: ValueError naming it."""
+def check_conversion(
+    src: Path, out: Path, splits: list[str], workers: int, gt_dir: Path | None, fmt: str = "auto"
+) -> dict[str, tuple[Path, Path, str]]:
+    """Every check that needs no conversion work, so a mistake fails at once: ValueError naming it.
+    Returns per split its (annotation file, images folder, format)."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    if fmt not in ("auto", *FORMATS):
+        raise ValueError(f"--format {fmt}: use auto or one of {', '.join(FORMATS)}")
+    sources = {}
     for split in splits:
-        label_file = src / split / LABEL_FILE_NAME
-        if not label_file.is_file():
-            raise ValueError(f"{label_file} not found; {LAYOUT_HELP}")
-        images_dir = src / split / IMAGES_DIR_NAME
+        label_file, images_dir, found = find_annotations(src, split, fmt)
         if not images_dir.is_dir():
-            raise ValueError(f"{images_dir} is not a folder; {LAYOUT_HELP}")
+            raise ValueError(f"{images_dir} is not a folder (the images of {label_file}); {layout_help()}")
+        sources[split] = (label_file, images_dir, found)
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --src: the output has its own images/ and labels/ folders")
     if gt_dir is not None:
@@ -331,18 +262,29 @@ def check_conversion(src: Path, out: Path, splits: list[str], workers: int, gt_d
             find_ground_truth(gt_dir)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from None
+    return sources
 
 
 def prepare_widerface(
-    src: Path, out: Path, splits: list[str], copy: bool, workers: int, gt_dir: Path | None = None
+    src: Path,
+    out: Path,
+    splits: list[str],
+    copy: bool,
+    workers: int,
+    gt_dir: Path | None = None,
+    fmt: str = "auto",
 ) -> None:
     """Check, then convert each split of `src` into `out` (printing a summary per split) and copy the
-    official ground truth beside the val split. Raises ValueError (a bad argument, before any work) or
-    RetinaFaceLabelError (a malformed label.txt, naming file:line, before that split is written)."""
+    official ground truth beside the val split. `fmt`: the annotation format, or "auto" (found from the
+    layout and the file). Raises ValueError (a bad argument, before any work) or AnnotationError (a
+    malformed annotation file, naming file:line, before that split is written)."""
     splits = list(dict.fromkeys(splits))  # drop repeats, keep the order given
-    check_conversion(src, out, splits, workers, gt_dir)
+    sources = check_conversion(src, out, splits, workers, gt_dir, fmt)
     for split in splits:
-        print(convert_split(src / split, out / split, copy=copy, workers=workers).describe())
+        label_file, images_dir, found = sources[split]
+        print(f"{split}: {found} annotations {label_file} (images in {images_dir})")
+        annotations = parse_annotations(label_file, found, images_dir)
+        print(convert_split(src / split, out / split, copy, workers, annotations).describe())
         if split != "val":
             continue
         if gt_dir is None:

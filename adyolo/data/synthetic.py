@@ -1,11 +1,13 @@
-"""The embedded default dataset: deterministic synthetic faces with exact boxes and landmarks.
+"""The embedded synthetic datasets: deterministic faces with exact boxes and landmarks.
 
-Each image is a cluttered background with faces of many sizes (log-uniform, down to a few pixels,
-the range the stride-4 head exists for): a skin-toned ellipse, rotated a little, with eyes, a nose
-and a mouth whose corners are the five landmarks. Image `i` of a split depends only on
-(seed, split, i), so any machine produces the same files. They are written in the same layout and
-label format as real data (`images/*.jpg`, `labels/*.txt`), so everything downstream is exercised
-unchanged. Nothing is downloaded.
+Two presets (`data.synthetic.preset`): `default`, described here, and `hard`
+(`adyolo.data.synthetic_hard`: crowds of 3-16 px faces, blurred, occluded, badly lit, compressed, at
+odd poses). In the default, each image is a cluttered background with faces of many sizes
+(log-uniform, down to a few pixels, the range the stride-4 head exists for): a skin-toned ellipse,
+rotated a little, with eyes, a nose and a mouth whose corners are the five landmarks. Image `i` of a
+split depends only on (seed, split, i), so any machine produces the same files. They are written in the
+same layout and label format as real data (`images/*.jpg`, `labels/*.txt`), so everything downstream is
+exercised unchanged. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,25 +19,29 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 
+from adyolo.data.attributes import attribute_path_for, write_attribute_file
+from adyolo.data.canvas import SKIN_TONES_BGR, background, overlap, rotated_half_extent
 from adyolo.data.faces import Faces
 from adyolo.data.labels import write_label_file
+from adyolo.data.synthetic_hard import HARD_GENERATOR_VERSION, render_hard_image
 from adyolo.schema import ConfigError
 
 # Bump when the renderer changes, so cached datasets are regenerated.
 GENERATOR_VERSION = 1
-
-SKIN_TONES_BGR = np.array(
-    [[181, 209, 241], [150, 190, 225], [120, 165, 210], [95, 135, 185], [70, 105, 150], [50, 75, 110]],
-    np.float32,
-)
+DEFAULT_JPEG_QUALITY = 92
 
 
 @dataclass
 class SyntheticConfig:
+    preset: Literal["default", "hard"] = "default"
+    """`default`: 1-10 faces of 6-128 px per image (the settings below). `hard`: crowds of tens to a few
+    hundred mostly 3-16 px faces, degraded as in WIDER FACE's hard split, with per-face attribute files;
+    it uses num_train, num_val, image_size and seed, and ignores min_faces, max_faces, min_face, max_face."""
     num_train: int = 400
     """Training images."""
     num_val: int = 100
@@ -56,6 +62,8 @@ class SyntheticConfig:
                 raise ConfigError(key, f"{getattr(self, key)} must be at least 1")
         if self.image_size < 64:
             raise ConfigError("image_size", f"{self.image_size} is too small; use 64 or more")
+        if self.preset != "default":
+            return  # the hard preset chooses its own face counts and sizes
         if not 1 <= self.min_faces <= self.max_faces:
             raise ConfigError("max_faces", f"need 1 <= min_faces ({self.min_faces}) <= max_faces ({self.max_faces})")
         if not 2 <= self.min_face <= self.max_face <= self.image_size / 2:
@@ -73,6 +81,11 @@ def ensure_synthetic_dataset(root: str | Path, cfg: SyntheticConfig) -> dict[str
     """
     root = Path(root)
     manifest = {"generator_version": GENERATOR_VERSION, **asdict(cfg)}
+    if cfg.preset == "default":
+        # The manifest the default had before presets existed: its generated datasets stay valid.
+        del manifest["preset"]
+    else:
+        manifest["generator_version"] = f"{cfg.preset}-{HARD_GENERATOR_VERSION}"
     splits = {"train": root / "train" / "images", "val": root / "val" / "images"}
     manifest_path = root / "manifest.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
@@ -97,11 +110,15 @@ def ensure_synthetic_dataset(root: str | Path, cfg: SyntheticConfig) -> dict[str
 
 
 def _write_sample(cfg: SyntheticConfig, staging: Path, split: str, index: int) -> None:
-    image, faces = render_image(cfg, split, index)
-    name = f"{index:06d}"
-    cv2.imwrite(str(staging / split / "images" / f"{name}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    image_path = staging / split / "images" / f"{index:06d}.jpg"
+    if cfg.preset == "hard":
+        image, faces, attributes, quality = render_hard_image(cfg.image_size, cfg.seed, split, index)
+        write_attribute_file(attribute_path_for(image_path), attributes)
+    else:
+        (image, faces), quality = render_image(cfg, split, index), DEFAULT_JPEG_QUALITY
+    cv2.imwrite(str(image_path), image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     h, w = image.shape[:2]
-    write_label_file(staging / split / "labels" / f"{name}.txt", faces_to_labels(faces, w, h))
+    write_label_file(staging / split / "labels" / f"{index:06d}.txt", faces_to_labels(faces, w, h))
 
 
 def faces_to_labels(faces: Faces, width: int, height: int) -> np.ndarray:
@@ -116,12 +133,15 @@ def faces_to_labels(faces: Faces, width: int, height: int) -> np.ndarray:
 
 def render_image(cfg: SyntheticConfig, split: str, index: int) -> tuple[np.ndarray, Faces]:
     """Image `index` of `split`: BGR uint8 [H, W, 3] and its faces in pixels."""
+    if cfg.preset == "hard":
+        image, faces, _, _ = render_hard_image(cfg.image_size, cfg.seed, split, index)
+        return image, faces
     rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, index])
     width = cfg.image_size
     height = int(round(cfg.image_size * rng.uniform(0.75, 1.0)))
     if rng.random() < 0.5:
         width, height = height, width
-    image = _background(rng, width, height)
+    image = background(rng, width, height)
     placed: list[np.ndarray] = []
     faces = []
     for _ in range(int(rng.integers(cfg.min_faces, cfg.max_faces + 1))):
@@ -129,40 +149,16 @@ def render_image(cfg: SyntheticConfig, split: str, index: int) -> tuple[np.ndarr
             face_w = math.exp(rng.uniform(math.log(cfg.min_face), math.log(cfg.max_face)))
             face_h = face_w * rng.uniform(1.15, 1.35)
             angle = rng.uniform(-20, 20)
-            half = _rotated_half_extent(face_w / 2, face_h / 2, angle)
+            half = rotated_half_extent(face_w / 2, face_h / 2, angle)
             if 2 * half[0] >= width or 2 * half[1] >= height:
                 continue
             centre = np.array([rng.uniform(half[0], width - half[0]), rng.uniform(half[1], height - half[1])])
             box = np.concatenate([centre - half, centre + half])
-            if all(_overlap(box, other) < 0.05 for other in placed):
+            if all(overlap(box, other) < 0.05 for other in placed):
                 placed.append(box)
                 faces.append(_draw_face(image, rng, centre, face_w, face_h, angle, box))
                 break
     return image, Faces.concat(faces)
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A smooth two-colour gradient with random clutter (rectangles, circles, lines) and noise."""
-    a, b = rng.uniform(0, 255, (2, 3))
-    t = np.linspace(0, 1, width if rng.random() < 0.5 else height, dtype=np.float32)
-    ramp = a + (b - a) * t[:, None]
-    image = (
-        np.broadcast_to(ramp[None] if len(t) == width else ramp[:, None], (height, width, 3)).astype(np.uint8).copy()
-    )
-    for _ in range(int(rng.integers(4, 14))):
-        colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
-        x, y = int(rng.uniform(0, width)), int(rng.uniform(0, height))
-        size = int(rng.uniform(4, max(width, height) / 4))
-        kind = rng.integers(3)
-        if kind == 0:
-            cv2.rectangle(image, (x, y), (x + size, y + int(size * rng.uniform(0.3, 2))), colour, -1)
-        elif kind == 1:
-            cv2.circle(image, (x, y), size // 2, colour, -1, cv2.LINE_AA)
-        else:
-            end = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
-            cv2.line(image, (x, y), end, colour, int(rng.integers(1, 4)), cv2.LINE_AA)
-    noise = rng.normal(0, rng.uniform(2, 10), image.shape)
-    return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
 def _draw_face(image, rng, centre, face_w, face_h, angle, box) -> Faces:
@@ -209,17 +205,3 @@ def _draw_face(image, rng, centre, face_w, face_h, angle, box) -> Faces:
     mid = (points[3] + points[4]) / 2 + rotation @ [0, 0.05 * face_h]
     cv2.polylines(image, [np.array([pt(points[3]), pt(mid), pt(points[4])])], False, lips, thickness, cv2.LINE_AA, 4)
     return Faces(np.zeros(1, np.int64), box[None].astype(np.float32), points[None].astype(np.float32))
-
-
-def _rotated_half_extent(a: float, b: float, angle_deg: float) -> np.ndarray:
-    """Half width and height of the axis-aligned box around an ellipse with semi-axes a, b rotated by angle."""
-    t = math.radians(angle_deg)
-    return np.array([math.hypot(a * math.cos(t), b * math.sin(t)), math.hypot(a * math.sin(t), b * math.cos(t))])
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over the smaller box's area."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return w * h / smaller

@@ -95,6 +95,10 @@ class TrainConfig:
     """Synchronise BatchNorm statistics across ranks in forward (CUDA only)."""
     timeout_s: int = 600
     """Collective timeout: a dead rank fails the job after this long instead of hanging it."""
+    init_weights: str | None = None
+    """Start from these weights rather than random ones: an adyolo best.pt / last.pt, or a YOLOv5-Face
+    checkpoint or state dict (docs/weights.md). Every tensor whose name and shape fit is loaded; the run
+    prints and logs (MLflow `init.*`) what was loaded and what stayed random, and why. Ignored on resume."""
 
     def __post_init__(self) -> None:
         if self.global_batch < 1:

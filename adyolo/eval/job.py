@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from adyolo.data.dataset import FaceDataset, build_loader, list_images
 from adyolo.data.labels import LabelError, label_path_for
 from adyolo.data.synthetic import ensure_synthetic_dataset
 from adyolo.eval.evaluator import face_counts, official_predictions, official_score, predict, score
+from adyolo.eval.subsets import score_subsets
 from adyolo.eval.widerface.ground_truth import load_widerface_mat
 from adyolo.eval.widerface.prediction_files import write_prediction_dir
 from adyolo.eval.widerface.protocol import SETTINGS
@@ -83,6 +85,8 @@ class Evaluation:
     faces: dict[str, int]  # faces that count per setting
     images: int
     out: Path
+    subsets: dict[str, float] = field(default_factory=dict)  # ap_tiny, and ap_<attribute> with attribute files
+    subset_faces: dict[str, int] = field(default_factory=dict)
 
 
 def evaluate_weights(request: EvaluationRequest, start: Callable[[bool], Processes]) -> Evaluation | None:
@@ -130,7 +134,8 @@ def evaluate_weights(request: EvaluationRequest, start: Callable[[bool], Process
     else:
         metrics, curves = score(gathered)
     out = Path(request.out) if request.out else Path("runs") / "evaluate" / Path(request.weights).resolve().parent.name
-    result = Evaluation(metrics, face_counts(gathered), len(dataset), out)
+    subsets, subset_faces = score_subsets(gathered)
+    result = Evaluation(metrics, face_counts(gathered), len(dataset), out, subsets, subset_faces)
     print(format_table(result))
     settings = {
         "weights": str(request.weights),
@@ -198,7 +203,11 @@ def format_table(result: Evaluation) -> str:
     header = f"{'':10}{'easy':>10}{'medium':>10}{'hard':>10}{'mAP@0.5':>10}"
     ap = f"{'AP':10}" + "".join(f"{metrics[f'ap_{s}']:>10.4f}" for s in SETTINGS) + f"{metrics['map50']:>10.4f}"
     counts = f"{'faces':10}" + "".join(f"{faces[s]:>10d}" for s in SETTINGS) + f"{faces['hard']:>10d}"
-    return "\n".join([header, ap, counts, f"({result.images} images)"])
+    subsets = [
+        f"AP {name.removeprefix('ap_').replace('_', ' ')} {value:.4f} ({result.subset_faces[name[3:]]} faces)"
+        for name, value in result.subsets.items()
+    ]
+    return "\n".join([header, ap, counts, f"({result.images} images)", *(["; ".join(subsets)] if subsets else [])])
 
 
 def write_report(request: EvaluationRequest, result: Evaluation, settings: dict, curves, official) -> None:
@@ -207,7 +216,8 @@ def write_report(request: EvaluationRequest, result: Evaluation, settings: dict,
     out = result.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps({**settings, "metrics": result.metrics}, indent=2))
+    record = {**settings, "metrics": result.metrics, "subsets": result.subsets, "subset_faces": result.subset_faces}
+    metrics_path.write_text(json.dumps(record, indent=2))
     plot = plot_pr_curves(curves, out / "pr_curve.png")
     written = [metrics_path, plot]
     if official is not None:
@@ -219,7 +229,8 @@ def write_report(request: EvaluationRequest, result: Evaluation, settings: dict,
     uri = tracking_uri(request.mlflow or None, out)
     tracker = Tracker(True, uri, "adyolo-evaluate", out, f"evaluate {out.name}")
     tracker.log_params(settings)
-    tracker.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=0)
+    logged = {**result.metrics, **{k: v for k, v in result.subsets.items() if math.isfinite(v)}}  # NaN: no face
+    tracker.log_metrics({f"eval/{k}": v for k, v in logged.items()}, step=0)
     tracker.log_artifact(metrics_path)
     tracker.log_artifact(plot, "plots")
     tracker.finish()
