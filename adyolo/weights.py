@@ -18,8 +18,8 @@ from adyolo.model import build_model
 from adyolo.model.blocks import BN_EPS
 from adyolo.schema import ConfigError
 
-# BatchNorm's eps is not in a state dict. Files written before it became YOLOv5's 1e-3 (2026-12-03)
-# hold no "batch_norm_eps" and were trained with PyTorch's 1e-5: they load with that, unchanged.
+# BatchNorm's eps is not in a state dict. Files written before it became YOLOv5's 1e-3 hold no
+# "batch_norm_eps" and were trained with PyTorch's 1e-5: they load with that, unchanged.
 BN_EPS_KEY, LEGACY_BN_EPS = "batch_norm_eps", 1e-5
 
 

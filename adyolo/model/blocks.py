@@ -14,14 +14,10 @@ BN_EPS = 1e-3
 def batch_norm(channels: int) -> nn.BatchNorm2d:
     """BatchNorm2d with YOLOv5's eps (1e-3) instead of PyTorch's (1e-5); momentum stays PyTorch's 0.1.
 
-    Measured on short synthetic runs (3 epochs of 800 images, batch 8, 2026-12-03): with eps 1e-5 the
-    eval-mode network blew up on a few validation images, all with saturated background colours
-    (stage-4 outputs up to 51 against 0.4-0.8 on the others), firing on every anchor there (1,000
-    detections above 0.3 each), and the run ended at hard AP 0.048. With eps 1e-3 it ended at 0.707
-    (0.738 with YOLOv5's momentum 0.03 as well, 0.115 with that momentum alone): the larger eps bounds
-    the gain of a channel whose running variance is small. YOLOv5's momentum is not taken: tiny runs
-    of a few dozen steps then evaluate with running statistics still a quarter initial (0.97^48; a
-    48-step tiny run: val easy AP 0.028 against 0.36)."""
+    Why: with eps 1e-5 a channel whose running variance is small gets a huge eval-mode gain, and the
+    network fires on every anchor of a few validation images (saturated backgrounds); 1e-3 bounds that
+    gain. YOLOv5's momentum (0.03) is not taken: short runs would evaluate with running statistics still
+    mostly at their initial values. The runs that showed both are in docs/measurements.md."""
     return nn.BatchNorm2d(channels, eps=BN_EPS)
 
 

@@ -143,6 +143,7 @@ def command(out: Path, synthetic: Path, epochs: int, launcher: str) -> list[str]
         "train.save_interval=2",
         "train.eval_interval=1000",  # the last epoch only: the soak is about training steps
         "log.system_metrics=false",
+        "log.progress_interval_s=0.001",  # a progress line per step: where the faults are placed
         *LEARNABLE,
     ]
     return wrapped(train_command(out, synthetic, *overrides, launcher=launcher))
