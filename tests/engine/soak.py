@@ -47,7 +47,8 @@ STEPS_PER_EPOCH = 4  # tests/configs/tiny.yaml: 16 images, global batch 4
 EXPECTED_CODE = {"SIGTERM launcher": 75, "disk full": 74, "damaged latest": 75}  # a killed rank: any failure
 DISK_MIB = 400
 TOLERANCE = 1e-5
-PROGRESS = re.compile(r"epoch (\d+)/\d+: +\d+%\|[^|\r\n]*\| *(\d+)/\d+ \[")  # rank 0's bar, one step per batch
+# Rank 0's progress, a bar on a terminal or a plain line in a file ("epoch 3/7:  50% 2/4 [" is step 10).
+PROGRESS = re.compile(r"epoch (\d+)/\d+: +\d+%(?:\|[^|\r\n]*\|)? *(\d+)/\d+ \[")
 RESUMED = re.compile(r"resumed from (\S+): epoch \d+, step (\d+)")
 
 
