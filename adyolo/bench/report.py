@@ -11,7 +11,7 @@ from adyolo.tracking import Tracker, tracking_uri
 GPU_SIZES_GIB = (16, 24, 40, 80, 141)  # the GPUs a row can be said to fit
 # What a process holds on a GPU beyond PyTorch's reserved memory (CUDA context, kernels): about 1 GiB.
 CUDA_CONTEXT_GIB = 1.0
-# The targets the benchmark checks (README, "Benchmark"): full/sdpa within 1.3x the memory and at least
+# The targets the benchmark checks (docs/benchmark.md): full/sdpa within 1.3x the memory and at least
 # 0.75x the speed of efficient, full with checkpointing on a 16 GiB GPU, the fastest row 2.5x fp32
 # eager explicit attention.
 MAX_MEMORY_RATIO = 1.3

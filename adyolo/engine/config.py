@@ -65,7 +65,7 @@ class TrainConfig:
     pinned batches, fragmentation)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights and BatchNorm stay fp32) or fp32. auto: bf16 on CUDA and on a CPU with native
-    bf16 (AVX512-BF16 or AMX, where it is faster; README, Measured), fp32 on other CPUs; under DeepSpeed the
+    bf16 (AVX512-BF16 or AMX, where it is faster; docs/measurements.md), fp32 on other CPUs; under DeepSpeed the
     JSON's choice, which an explicit value must agree with."""
     ema_decay: float = 0.9999
     """Weight EMA decay, ramped up as 1 - exp(-updates / ema_ramp) (YOLOv5)."""

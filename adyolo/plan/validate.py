@@ -5,7 +5,7 @@ rank in real 2-process DDP / ZeRO runs (`adyolo.plan.measure` through `accelerat
 autocast's policy as the GPU plan traces it on the CPU against CUDA's own (a forward and loss on fake
 CUDA tensors, which need no GPU). On a GPU: `torch.cuda.max_memory_allocated` of a real step against
 the GPU prediction's allocated bytes.
-`launch/plan.py --validate` runs the CPU matrix below and writes the table the README quotes; the
+`launch/plan.py --validate` runs the CPU matrix below and writes the table docs/memory-plan.md quotes; the
 tests run a part of it.
 """
 

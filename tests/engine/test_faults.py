@@ -1,5 +1,5 @@
 """Fault injection on tiny CPU runs (1 and 2 processes): every failure gives its documented exit code
-and one line, through the launchers, and `latest` always resumes. The README's reliability matrix
+and one line, through the launchers, and `latest` always resumes. docs/reliability.md's fault matrix
 lists these cases."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Faults of the run folder on tiny CPU runs: two runs started into one folder, a run killed with its lock
-held, a checkpoint damaged after it was written. The README's reliability matrix lists these cases."""
+held, a checkpoint damaged after it was written. docs/reliability.md's fault matrix lists these cases."""
 
 from __future__ import annotations
 

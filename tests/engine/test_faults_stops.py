@@ -1,5 +1,5 @@
 """How a tiny CPU run stops: Ctrl-C (once: like SIGTERM; twice: at once), and non-finite losses while the
-weights are still finite. The README's reliability matrix lists these cases."""
+weights are still finite. docs/reliability.md's fault matrix lists these cases."""
 
 from __future__ import annotations
 

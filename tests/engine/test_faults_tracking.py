@@ -1,5 +1,5 @@
 """A tracking server (`MLFLOW_TRACKING_URI=http://...`) that is down when a tiny CPU run starts, and a real
-`mlflow server` killed while it trains. The README's reliability matrix lists these cases."""
+`mlflow server` killed while it trains. docs/reliability.md's fault matrix lists these cases."""
 
 from __future__ import annotations
 

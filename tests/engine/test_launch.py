@@ -275,7 +275,7 @@ def test_the_slurm_script_gives_each_node_the_jobs_cpus(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The README's cluster commands pass the start checks on any number of GPUs.
+# The documented cluster commands pass the start checks on any number of GPUs.
 
 
 @pytest.mark.parametrize("ranks", [3, 6, 12, 16, 24, 32])

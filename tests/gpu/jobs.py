@@ -38,7 +38,7 @@ RESUME_STEP = 3
 # The probe's run: a global batch of 8 images at 320 px, every candidate planned to fit the GPU.
 PROBE = ["model.img_size=320", "train.global_batch=8", "epochs=1", "train.precision=auto"]
 PROBE_GLOBAL_BATCH = 8
-# The memory tests' model: the README's GPU table's (size s, 640 px, bf16), at 8 images.
+# The memory tests' model: docs/memory-plan.md's GPU table's (size s, 640 px, bf16), at 8 images.
 MEMORY_BATCH = 8
 MEMORY_VARIANTS = {
     "full/sdpa": {"fusion": "full", "attention": "sdpa"},

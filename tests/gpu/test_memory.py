@@ -1,4 +1,4 @@
-"""The memory plan on a GPU, at the README table's model (size s, 640 px, bf16) and 8 images: its
+"""The memory plan on a GPU, at docs/memory-plan.md's table's model (size s, 640 px, bf16) and 8 images: its
 allocated bytes against `torch.cuda.max_memory_allocated` of real steps, its reserve against what the
 allocator reserved (with expandable segments, as training runs), and its verdicts: under a budget
 between the two predictions, full/explicit runs out of memory and full/sdpa fits."""

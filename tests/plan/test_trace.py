@@ -19,7 +19,7 @@ from adyolo.plan.trace import trace_step
 from adyolo.plan.validate import ONE_PROCESS, check_one_process, check_ranks
 from tests.engine.runs import environment
 
-TOLERANCE = 0.10  # what the plan promises; the measured errors are far smaller (README, "Will it fit?")
+TOLERANCE = 0.10  # what the plan promises; the measured errors are far smaller (docs/memory-plan.md)
 
 
 @pytest.mark.parametrize("configuration", ONE_PROCESS[:3], ids=lambda c: "-".join(map(str, c[:5])))
