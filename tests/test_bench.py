@@ -92,6 +92,7 @@ def test_grid_of_two_process_training_steps_with_loader_and_mlflow(tmp_path):
     assert {"bench.md", "bench.json", "bench.png"} <= artifacts
 
 
+@pytest.mark.slow
 def test_profile_traces_a_row_and_names_its_costliest_operators_and_inference_is_timed_folded(tmp_path):
     out = tmp_path / "out"
     proc = _bench(

@@ -11,6 +11,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 
 from adyolo.config import load_run_config
 from adyolo.engine.cuda_allocator import ENV, NEWER_ENV
@@ -44,6 +45,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_the_bench_stage_writes_what_the_script_copies(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -175,13 +175,13 @@ def mount_small_disk(folder: Path) -> bool:
 
 def fill(folder: Path) -> Path:
     filler = folder / "filler"
-    with open(filler, "wb") as file:
-        try:
+    try:
+        with open(filler, "wb") as file:
             while True:
                 file.write(b"\0" * 2**20)
                 file.flush()
-        except OSError:
-            pass
+    except OSError:  # full: also where the run's own files left no room to create the filler at all
+        pass
     return filler
 
 
@@ -242,7 +242,7 @@ def soak(faults: int, seed: int, root: Path, launcher: str = "ddp") -> Soak:
             fault.code = job.end()
             fault.reached = job.step() or 0
             if filler is not None:
-                filler.unlink()
+                filler.unlink(missing_ok=True)
             if kind == "damaged latest":
                 fault.kind += f" ({damage_latest(out, rng)})"
             result.faults.append(fault)

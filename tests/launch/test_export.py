@@ -21,6 +21,7 @@ from adyolo.weights import load_weights
 from .helpers import read, val_images
 
 
+@pytest.mark.slow
 def test_trained_weights_export_fixed_and_dynamic_and_detect_like_pytorch(trained_run, tmp_path, capsys):
     weights = trained_run / "best.pt"
     fixed, dynamic = tmp_path / "fixed.onnx", tmp_path / "dynamic.onnx"
@@ -57,6 +58,7 @@ def assert_same_detections(got: torch.Tensor, expected: torch.Tensor, atol: floa
     assert sorted(match.tolist()) == list(range(len(expected)))  # one to one
 
 
+@pytest.mark.slow
 def test_full_attention_sdpa_exports_with_dynamic_shapes(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="n", fusion="full", attention="sdpa", img_size=64)).eval()
@@ -84,6 +86,7 @@ def test_raw_maps_export(trained_run, tmp_path, capsys):
     assert shapes == [(1, 3, 96 // s, 96 // s, 16) for s in (4, 8, 16, 32)]
 
 
+@pytest.mark.slow
 def test_yolov5face_baseline_exports_its_three_raw_maps_with_dynamic_shapes(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="n", neck="yolov5face", img_size=64)).eval()

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from adyolo.weights import load_weights
 from tests.engine.runs import LEARNABLE, mlflow_run, run, train_command
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_baseline(tmp_path):
     out = tmp_path / "run"
     proc = run(train_command(out, tmp_path / "synthetic", *LEARNABLE, "epochs=1", "model.neck=yolov5face"))

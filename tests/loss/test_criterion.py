@@ -106,6 +106,7 @@ def test_bf16_outputs_give_fp32_losses():
     assert losses["total"].dtype == torch.float32 and torch.isfinite(losses["total"])
 
 
+@pytest.mark.slow
 def test_overfits_one_synthetic_batch(tmp_path):
     splits = ensure_synthetic_dataset(
         tmp_path / "synthetic", SyntheticConfig(num_train=4, num_val=1, image_size=192, max_face=80)

@@ -22,7 +22,12 @@ from tests.engine.runs import environment
 TOLERANCE = 0.10  # what the plan promises; the measured errors are far smaller (docs/memory-plan.md)
 
 
-@pytest.mark.parametrize("configuration", ONE_PROCESS[:3], ids=lambda c: "-".join(map(str, c[:5])))
+# The first in the fast tier, the others with the slow tests.
+@pytest.mark.parametrize(
+    "configuration",
+    [ONE_PROCESS[0], *(pytest.param(c, marks=pytest.mark.slow) for c in ONE_PROCESS[1:3])],
+    ids=lambda c: "-".join(map(str, c[:5])),
+)
 def test_the_traced_line_predicts_real_steps(configuration, tmp_path):
     rows = check_one_process(*configuration, cache_dir=tmp_path)
     assert rows and all(abs(r["error"]) < TOLERANCE for r in rows), rows
