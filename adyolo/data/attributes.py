@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adyolo.data.labels import sibling_path
+
 ATTRIBUTES = ("blur", "occlusion", "illumination", "pose", "crowd")
 NUM_ATTRIBUTES = len(ATTRIBUTES)
 # The largest value of each attribute, in `ATTRIBUTES` order.
@@ -33,12 +35,7 @@ class AttributeFileError(ValueError):
 def attribute_path_for(image_path: str | Path) -> Path:
     """`.../images/x/y.jpg` -> `.../attributes/x/y.txt` (the last `images` folder); `y.attributes.txt`
     beside the image when there is no `images` folder."""
-    image_path = Path(image_path)
-    parts = image_path.parts
-    if "images" in parts:
-        i = len(parts) - 1 - parts[::-1].index("images")
-        return Path(*parts[:i], "attributes", *parts[i + 1 :]).with_suffix(".txt")
-    return image_path.with_suffix(".attributes.txt")
+    return sibling_path(image_path, "attributes", ".attributes.txt")
 
 
 def write_attribute_file(path: str | Path, attributes: np.ndarray) -> None:

@@ -39,12 +39,18 @@ class LabelFile:
 
 def label_path_for(image_path: str | Path) -> Path:
     """`.../images/x/y.jpg` -> `.../labels/x/y.txt` (the last `images` folder); else `y.txt` beside it."""
+    return sibling_path(image_path, "labels", ".txt")
+
+
+def sibling_path(image_path: str | Path, folder: str, beside_suffix: str) -> Path:
+    """`.../images/x/y.jpg` -> `.../<folder>/x/y.txt` (the last `images` folder); without an `images`
+    folder, the image's path with `beside_suffix` for its suffix."""
     image_path = Path(image_path)
     parts = image_path.parts
     if "images" in parts:
         i = len(parts) - 1 - parts[::-1].index("images")
-        return Path(*parts[:i], "labels", *parts[i + 1 :]).with_suffix(".txt")
-    return image_path.with_suffix(".txt")
+        return Path(*parts[:i], folder, *parts[i + 1 :]).with_suffix(".txt")
+    return image_path.with_suffix(beside_suffix)
 
 
 def read_label_file(path: str | Path, skip_bad_labels: bool = False) -> LabelFile:

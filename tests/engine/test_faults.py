@@ -42,11 +42,6 @@ from .runs import (
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic") / "data"
-
-
 def user_dataset(root: Path, images: int, faces_per_image: int = 1, labels: str = "labels") -> Path:
     """`root/images/*.jpg` with YOLO-face labels in `root/<labels>/`: returns the images folder."""
     rng = np.random.default_rng(0)

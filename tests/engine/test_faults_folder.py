@@ -23,11 +23,6 @@ from .test_run_lock import holding
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic") / "data"
-
-
 def test_one_run_writes_a_folder_and_a_dead_runs_lock_is_taken_over(synthetic, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

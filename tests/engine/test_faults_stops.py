@@ -24,11 +24,6 @@ from .runs import (
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic") / "data"
-
-
 def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(synthetic, tmp_path):
     out = tmp_path / "run"
     # A progress line at every step: the lines below come during training, not at an epoch's end.

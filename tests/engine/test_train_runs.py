@@ -18,11 +18,6 @@ from .runs import LEARNABLE, ROOT, environment, history, mlflow_run, run, train_
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic") / "data"
-
-
 # ZeRO-1 shares ZeRO-2's optimizer and checkpoints (DeepSpeed's stage_1_and_2.py): its runs are in
 # test_universal (written by two ranks, resumed on one).
 @pytest.mark.parametrize("launcher,stage", [("zero2", 2), ("zero3", 3), ("ddp", 0)])

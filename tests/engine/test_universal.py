@@ -46,11 +46,6 @@ FIRST, SECOND = "step-00000001", "step-00000002"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic") / "data"
-
-
-@pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> dict[int, Path]:
     """fp32 copies of the shipped ZeRO-1/2/3 accelerate configs: bf16 autocast, emulated on most CPUs, is
     slower there and its rounding would hide what the comparisons look for."""
